@@ -124,14 +124,19 @@ def stage_run(experiment: str, stage: str, params: dict, *, root: str | Path,
 
 @contextlib.contextmanager
 def seed_run(stage: str, seed: int, tags: dict | None = None):
-    """A run nested in the active stage run, for one seed."""
+    """A run nested in the active stage run, for one seed, with its params."""
     parent = mlflow.active_run()
-    all_tags = dict(parent.data.tags) if parent else {}
-    all_tags = {k: v for k, v in all_tags.items() if not k.startswith("mlflow.")}
+    if parent is None:
+        raise RuntimeError("seed_run must be used inside stage_run")
+    # each seed run carries the stage's params and tags, for filtering
+    stored = MlflowClient().get_run(parent.info.run_id).data
+    all_tags = {k: v for k, v in stored.tags.items() if not k.startswith("mlflow.")}
     all_tags.update({"seed": str(seed), **(tags or {})})
-    with mlflow.start_run(run_name=f"{stage}/seed={seed}", nested=True,
+    # nested runs land in the default experiment unless told the parent's
+    with mlflow.start_run(experiment_id=parent.info.experiment_id,
+                          run_name=f"{stage}/seed={seed}", nested=True,
                           tags=all_tags) as run:
-        mlflow.log_param("seed", seed)
+        mlflow.log_params({**stored.params, "seed": seed})
         yield run
 
 

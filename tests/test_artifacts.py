@@ -1,0 +1,52 @@
+"""Outputs are written atomically: a failure leaves the previous version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import artifacts
+
+
+def test_atomic_dir_replaces_on_success(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with artifacts.atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert not (target / "new.txt").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_keeps_old_on_failure(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with artifacts.atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_file_keeps_old_on_failure(tmp_path):
+    path = tmp_path / "a.json"
+    artifacts.write_json(path, {"v": 1})
+    with pytest.raises(TypeError):
+        artifacts.write_json(path, {"v": object()})
+    assert artifacts.read_json(path) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_arrays_round_trip_without_pickle(tmp_path):
+    arrays = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.arange(3)}
+    artifacts.write_arrays(tmp_path / "a.npz", arrays)
+    back = artifacts.read_arrays(tmp_path / "a.npz")
+    assert back.keys() == arrays.keys()
+    for key in arrays:
+        np.testing.assert_array_equal(back[key], arrays[key])
+    np.savez(tmp_path / "obj.npz", o=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        artifacts.read_arrays(tmp_path / "obj.npz")

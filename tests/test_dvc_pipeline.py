@@ -1,0 +1,88 @@
+"""The real `dvc repro`, end to end on tiny params in a temporary copy."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import REPO, tiny_params_dict, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    return env
+
+
+def _run(args, cwd) -> str:
+    done = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    """The project's committed and new files, as a fresh git repo, tiny params."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True, text=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    for stale in ("dvc.lock", "metrics"):
+        shutil.rmtree(dest / stale, ignore_errors=True) if (dest / stale).is_dir() \
+            else (dest / stale).unlink(missing_ok=True)
+    write_params(dest / "params.yaml", tiny_params_dict())
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm",
+                 "copy"]):
+        _run(cmd, dest)
+    return dest
+
+
+def test_dvc_repro_end_to_end(repo_copy):
+    first = _run(["dvc", "repro"], repo_copy)
+    assert _ran(first) == {"prepare@sine", "prepare@mnist", "meta_train@sine",
+                           "meta_train@mnist", "evaluate@sine", "evaluate@mnist",
+                           "report"}
+    assert (repo_copy / "reports" / "report.html").is_file()
+    assert (repo_copy / "reports" / "report.md").is_file()
+
+    # the default store: SQLite at the repository root, one experiment each
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo_copy / 'mlflow.db'}")
+    names = {e.name for e in client.search_experiments()}
+    assert {"ml3-sine", "ml3-mnist", "ml3-report"} <= names
+    models = {m.name for m in client.search_registered_models()}
+    assert models == {"ml3-sine-loss", "ml3-mnist-loss"}
+
+    metrics = _run(["dvc", "metrics", "show", "--json"], repo_copy)
+    assert "final_task_loss" in metrics and "heldout_mse" in metrics
+
+    # nothing changed: nothing reruns
+    second = _run(["dvc", "repro"], repo_copy)
+    assert _ran(second) == set(), second
+
+    # one experiment's evaluate section changed: only its downstream reruns
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["sine"]["evaluate"]["n_steps"] = 4
+    write_params(repo_copy / "params.yaml", params)
+    diff = _run(["dvc", "params", "diff"], repo_copy)
+    assert "sine.evaluate.n_steps" in diff
+    third = _run(["dvc", "repro"], repo_copy)
+    assert _ran(third) == {"evaluate@sine", "report"}, third

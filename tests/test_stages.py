@@ -1,0 +1,129 @@
+"""Every stage runs on tiny params into a temporary folder, MLflow included."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import artifacts, tracking
+from pipeline.layout import Layout, seed_dir
+from stages import evaluate, meta_train, prepare, report
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, mlflow_store):
+    """All stages, both experiments, on tiny params: (root, params path)."""
+    from conftest import tiny_params_dict, write_params
+
+    root = tmp_path_factory.mktemp("stages")
+    params = write_params(root / "params.yaml", tiny_params_dict())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        for name in ("sine", "mnist"):
+            prepare.run(name, params, root)
+            meta_train.run(name, params, root)
+            evaluate.run(name, params, root)
+        report.run(params, root)
+    return root, params
+
+
+def test_prepare_writes_tasks_and_splits(pipeline_run):
+    root, _ = pipeline_run
+    layout = Layout(root)
+    sine = layout.read_prepared("sine", 1)
+    assert sine["test_x"].shape == (3, 20, 1) and sine["test_x_heldout"].shape == (3, 10, 1)
+    # y = A sin(x - p) on every test task (the task definition of ML3.md)
+    want = sine["test_amplitude"][:, None, None] * np.sin(
+        sine["test_x"] - sine["test_phase"][:, None, None])
+    np.testing.assert_allclose(sine["test_y"], want, rtol=1e-5, atol=1e-6)
+    mnist = layout.read_prepared("mnist", 0)
+    assert mnist["x_train"].shape == (600, 784)
+    assert len(mnist["y_val"]) == len(mnist["y_test"]) == 200
+    rows = [set(mnist[f"index_{s}"]) for s in ("train", "val", "test")]
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    assert mnist["y_train"].mean() == pytest.approx(0.5)
+
+
+def test_meta_train_writes_losses_curves_and_metrics(pipeline_run):
+    root, _ = pipeline_run
+    layout = Layout(root)
+    for name in ("sine", "mnist"):
+        for seed in (0, 1):
+            folder = seed_dir(layout.models(name), seed)
+            loss = artifacts.load_learned_loss(folder)
+            assert loss(torch.zeros(4, 1), torch.ones(4)).shape == ()
+            curve = pd.read_csv(folder / "meta_curve.csv")
+            assert list(curve.iteration) == list(range(1, 7))
+            assert np.isfinite(curve.task_loss).all()
+        metrics = artifacts.read_json(layout.metrics(name, "meta_train"))
+        assert set(metrics) == {"mean", "seed_0", "seed_1"}
+
+
+def test_evaluate_writes_long_curves_for_both_methods(pipeline_run):
+    root, _ = pipeline_run
+    sine = pd.read_csv(Layout(root).results("sine") / "curves.csv")
+    assert set(sine.method) == {"learned", "mse"}
+    assert set(sine.split) == {"train", "heldout"}
+    assert sorted(sine.step.unique()) == [0, 2, 4, 6]
+    # 2 methods x 2 seeds x 3 tasks x 2 runs x 4 steps x 2 splits
+    assert len(sine) == 2 * 2 * 3 * 2 * 4 * 2
+    # identical initial weights for both losses: equal values at step 0
+    start = sine[sine.step == 0].pivot_table(index=["seed", "task", "run", "split"],
+                                             columns="method", values="value")
+    np.testing.assert_allclose(start["learned"], start["mse"])
+    mnist = pd.read_csv(Layout(root).results("mnist") / "curves.csv")
+    assert set(mnist.metric) == {"accuracy", "cross_entropy"}
+    assert set(mnist.split) == {"train", "val", "test"}
+
+
+def test_report_has_tables_figures_and_self_contained_html(pipeline_run):
+    root, _ = pipeline_run
+    reports = Layout(root).reports
+    html = (reports / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert "http://" not in html and "https://" not in html
+    md = (reports / "report.md").read_text()
+    for figure in ("sine_meta_train", "sine_meta_test", "mnist_meta_train",
+                   "mnist_meta_test"):
+        assert f"figures/{figure}.png" in md
+        assert (reports / "figures" / f"{figure}.png").stat().st_size > 1000
+    long = pd.read_csv(reports / "tables" / "final_long.csv")
+    assert {"experiment", "method", "seed", "task", "metric", "value"} <= set(long)
+    assert "seeds won" in pd.read_csv(reports / "tables" / "sine_comparison.csv")
+
+
+def test_mlflow_has_runs_params_histories_and_tags(pipeline_run, mlflow_store):
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
+    exp = client.get_experiment_by_name("ml3-sine")
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string="tags.stage = 'meta_train' and "
+                                            "tags.seed = '1'")
+    assert runs
+    run = runs[0]
+    assert run.data.params["meta_train.outer_lr"] == "0.001"
+    assert len(run.data.tags["params_hash"]) == 12 and run.data.tags["git_commit"]
+    history = client.get_metric_history(run.info.run_id, "task_loss")
+    assert [m.step for m in history] == list(range(1, 7))
+    assert "mlflow.parentRunId" in run.data.tags
+    artifacts_ = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"learned_loss_weights", "meta_curve.csv"} <= artifacts_
+
+
+def test_registered_loss_loads_by_name_and_version(pipeline_run, mlflow_store):
+    root, _ = pipeline_run
+    loaded = tracking.load_registered_loss("ml3-sine-loss", "latest",
+                                           tracking=mlflow_store)
+    saved = artifacts.load_learned_loss(seed_dir(Layout(root).models("sine"), 1))
+    x, y = torch.randn(5, 1), torch.randn(5, 1)
+    torch.testing.assert_close(loaded(x, y), saved(x, y))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
+    version = client.get_model_version("ml3-sine-loss",
+                                       str(max(int(v.version) for v in
+                                               client.search_model_versions(
+                                                   "name = 'ml3-sine-loss'"))))
+    assert version.tags["seed"] == "1"
+    with pytest.raises(LookupError, match="no registered model named 'nope'"):
+        tracking.load_registered_loss("nope", tracking=mlflow_store)
