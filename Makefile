@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # stages run as `python -m stages.<name>`: make that the project's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install reproduce test benchmark ui clean
+.PHONY: install reproduce test ui clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,9 @@ reproduce: install
 test: install
 	$(BIN)/python -m pytest
 
-benchmark: install
-	$(BIN)/python -m pytest tests/benchmarks --benchmark-enable --benchmark-only
-
-ui: install
+# no install step: the store exists only after `make reproduce`
+ui:
+	@test -x $(BIN)/mlflow || { echo "run 'make reproduce' first"; exit 1; }
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
 	  --host 127.0.0.1 --port $(PORT) --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \

@@ -45,7 +45,9 @@ def atomic_dir(path: str | Path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    )
     try:
         yield tmp
         old = None
@@ -114,7 +116,7 @@ def save_learned_loss(folder: str | Path, learned_loss) -> None:
 
 
 def load_learned_loss(folder: str | Path):
-    """Rebuilds a learned loss saved by :func:`save_learned_loss`, frozen, in eval mode."""
+    """Rebuilds a loss saved by :func:`save_learned_loss`, frozen, in eval mode."""
     from pipeline.nets import learned_loss_from_config
 
     folder = Path(folder)

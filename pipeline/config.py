@@ -32,8 +32,14 @@ class ParamsError(ValueError):
 
 def rule(*, gt=None, ge=None, le=None, choices=None, length=None, doc=""):
     """Attaches a validation rule to a dataclass field (used as ``metadata``)."""
-    return {"gt": gt, "ge": ge, "le": le, "choices": choices, "length": length,
-            "doc": doc}
+    return {
+        "gt": gt,
+        "ge": ge,
+        "le": le,
+        "choices": choices,
+        "length": length,
+        "doc": doc,
+    }
 
 
 def _field(default=dataclasses.MISSING, **kwargs):
@@ -162,8 +168,12 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false",
-            str: "a string"}[tp]
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+    }[tp]
 
 
 def _check_scalar(value, tp, where: str, spec: dict):
@@ -171,8 +181,11 @@ def _check_scalar(value, tp, where: str, spec: dict):
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, (int, float))
-            and not isinstance(value, bool))
+        or (
+            tp is float
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+        )
         or (tp is str and isinstance(value, str))
     )
     if not ok:
@@ -183,14 +196,19 @@ def _check_scalar(value, tp, where: str, spec: dict):
     if tp is float:
         value = float(value)
         if not math.isfinite(value):
-            raise ParamsError(f"params.yaml: {where} = {value!r}: expected a finite number")
+            raise ParamsError(
+                f"params.yaml: {where} = {value!r}: expected a finite number"
+            )
     choices = spec.get("choices")
     if choices is not None and value not in choices:
         raise ParamsError(
             f"params.yaml: {where} = {value!r}: expected one of {', '.join(choices)}"
         )
-    bounds = [("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
-              ("le", lambda v, b: v <= b, "<=")]
+    bounds = [
+        ("gt", lambda v, b: v > b, ">"),
+        ("ge", lambda v, b: v >= b, ">="),
+        ("le", lambda v, b: v <= b, "<="),
+    ]
     for key, holds, symbol in bounds:
         bound = spec.get(key)
         if bound is not None and tp in (int, float) and not holds(value, bound):
@@ -217,8 +235,10 @@ def _check_value(value, tp, where: str, spec: dict):
             )
         if not value:
             raise ParamsError(f"params.yaml: {where} = []: expected a non-empty list")
-        return [_check_scalar(v, item_tp, f"{where}[{i}]", spec)
-                for i, v in enumerate(value)]
+        return [
+            _check_scalar(v, item_tp, f"{where}[{i}]", spec)
+            for i, v in enumerate(value)
+        ]
     return _check_scalar(value, tp, where, spec)
 
 
@@ -253,15 +273,18 @@ def parse_section(cls, raw, where: str):
     """
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
-    required = [f.name for f in fields
-                if f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     _check_keys(raw, [f.name for f in fields], where, required)
     values = {}
     for f in fields:
         if f.name in raw:
-            values[f.name] = _check_value(raw[f.name], hints[f.name],
-                                          f"{where}.{f.name}", f.metadata)
+            values[f.name] = _check_value(
+                raw[f.name], hints[f.name], f"{where}.{f.name}", f.metadata
+            )
     params = cls(**values)
     _check_ranges(params, where)
     return params
@@ -295,10 +318,13 @@ def parse_experiment(name: str, raw) -> ExperimentParams:
     _check_keys(raw, list(EXPERIMENT_SECTIONS), name, list(EXPERIMENT_SECTIONS))
     seeds = _check_value(raw["seeds"], list[int], f"{name}.seeds", rule(ge=0))
     if len(set(seeds)) != len(seeds):
-        raise ParamsError(f"params.yaml: {name}.seeds = {seeds}: expected distinct seeds")
+        raise ParamsError(
+            f"params.yaml: {name}.seeds = {seeds}: expected distinct seeds"
+        )
     sections = {
         key: parse_section(cls, raw[key], f"{name}.{key}")
-        for key, cls in EXPERIMENT_SECTIONS.items() if cls is not None
+        for key, cls in EXPERIMENT_SECTIONS.items()
+        if cls is not None
     }
     prepare = parse_section(PREPARE_SCHEMAS[name], raw["prepare"], f"{name}.prepare")
     return ExperimentParams(seeds=seeds, prepare=prepare, **sections)
@@ -340,6 +366,18 @@ def check_experiment_name(name: str) -> str:
     return name
 
 
+def stage_sections(params: Params, experiment: str, *keys: str) -> dict:
+    """The sections a stage reads, as plain dicts (for logging and hashing).
+
+    ``keys`` name sections of the experiment (``seeds``, ``meta_train`` ...)
+    or ``runtime``; the result mirrors the ``params`` list of its DVC stage.
+    """
+    exp = params.experiments[experiment]
+    return {
+        k: as_dict(params.runtime if k == "runtime" else getattr(exp, k)) for k in keys
+    }
+
+
 def as_dict(obj) -> dict:
     """Plain-dict form of a params dataclass (for hashing and logging)."""
     if dataclasses.is_dataclass(obj):
@@ -352,6 +390,12 @@ def as_dict(obj) -> dict:
 
 
 __all__ = [
-    "ParamsError", "Params", "ExperimentParams", "load_params", "parse_params",
-    "check_experiment_name", "as_dict", "EXPERIMENTS",
+    "ParamsError",
+    "Params",
+    "ExperimentParams",
+    "load_params",
+    "parse_params",
+    "check_experiment_name",
+    "as_dict",
+    "EXPERIMENTS",
 ]

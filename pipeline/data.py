@@ -10,9 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def sample_sine_tasks(rng: np.random.Generator, *, n_tasks: int, n_points: int,
-                      n_heldout_points: int, amplitude_range, phase_range,
-                      x_range) -> dict[str, np.ndarray]:
+def sample_sine_tasks(
+    rng: np.random.Generator,
+    *,
+    n_tasks: int,
+    n_points: int,
+    n_heldout_points: int,
+    amplitude_range,
+    phase_range,
+    x_range,
+) -> dict[str, np.ndarray]:
     """Draws tasks y = A sin(x - p) with training and held-out points.
 
     Returns:
@@ -30,8 +37,14 @@ def sample_sine_tasks(rng: np.random.Generator, *, n_tasks: int, n_points: int,
 
     x, y = points(n_points)
     x_heldout, y_heldout = points(n_heldout_points)
-    arrays = dict(amplitude=amplitude, phase=phase, x=x, y=y,
-                  x_heldout=x_heldout, y_heldout=y_heldout)
+    arrays = dict(
+        amplitude=amplitude,
+        phase=phase,
+        x=x,
+        y=y,
+        x_heldout=x_heldout,
+        y_heldout=y_heldout,
+    )
     return {k: v.astype(np.float32) for k, v in arrays.items()}
 
 
@@ -43,8 +56,9 @@ def load_mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def split_binary_mnist(x: np.ndarray, y: np.ndarray, *, classes, fractions,
-                       seed: int) -> dict[str, np.ndarray]:
+def split_binary_mnist(
+    x: np.ndarray, y: np.ndarray, *, classes, fractions, seed: int
+) -> dict[str, np.ndarray]:
     """Keeps two digit classes and splits them into train/validation/test.
 
     The split is stratified (each class is split by the same fractions) and
@@ -66,8 +80,8 @@ def split_binary_mnist(x: np.ndarray, y: np.ndarray, *, classes, fractions,
         n_train = int(round(fractions[0] * len(rows)))
         n_val = int(round(fractions[1] * len(rows)))
         parts["train"].append(rows[:n_train])
-        parts["val"].append(rows[n_train:n_train + n_val])
-        parts["test"].append(rows[n_train + n_val:])
+        parts["val"].append(rows[n_train : n_train + n_val])
+        parts["test"].append(rows[n_train + n_val :])
     out = {}
     for split, chunks in parts.items():
         rows = rng.permutation(np.concatenate(chunks))
@@ -84,13 +98,23 @@ def prepare_sine(p, rng: np.random.Generator) -> dict[str, np.ndarray]:
       p: a validated ``SinePrepareParams``.
     """
     common = dict(n_points=p.n_points, n_heldout_points=p.n_heldout_points)
-    train = sample_sine_tasks(rng, n_tasks=p.n_train_tasks,
-                              amplitude_range=p.train_amplitude_range,
-                              phase_range=p.train_phase_range,
-                              x_range=p.train_x_range, **common)
-    test = sample_sine_tasks(rng, n_tasks=p.n_test_tasks,
-                             amplitude_range=p.test_amplitude_range,
-                             phase_range=p.test_phase_range,
-                             x_range=p.test_x_range, **common)
-    return {**{f"train_{k}": v for k, v in train.items()},
-            **{f"test_{k}": v for k, v in test.items()}}
+    train = sample_sine_tasks(
+        rng,
+        n_tasks=p.n_train_tasks,
+        amplitude_range=p.train_amplitude_range,
+        phase_range=p.train_phase_range,
+        x_range=p.train_x_range,
+        **common,
+    )
+    test = sample_sine_tasks(
+        rng,
+        n_tasks=p.n_test_tasks,
+        amplitude_range=p.test_amplitude_range,
+        phase_range=p.test_phase_range,
+        x_range=p.test_x_range,
+        **common,
+    )
+    return {
+        **{f"train_{k}": v for k, v in train.items()},
+        **{f"test_{k}": v for k, v in test.items()},
+    }

@@ -52,15 +52,23 @@ class Experiment:
 def build_learned_loss(exp: Experiment, params: ExperimentParams) -> LearnedLoss:
     """A fresh learned loss for ``exp`` with the architecture in ``params``."""
     p = params.learned_loss
-    return LearnedLoss(exp.n_loss_inputs, p.hidden_sizes, p.activation, bias=p.bias,
-                       init=p.init, output_activation=p.output_activation,
-                       prediction_transform=p.prediction_transform)
+    return LearnedLoss(
+        exp.n_loss_inputs,
+        p.hidden_sizes,
+        p.activation,
+        bias=p.bias,
+        init=p.init,
+        output_activation=p.output_activation,
+        prediction_transform=p.prediction_transform,
+    )
 
 
 def _per_run(optimizee, fn, theta, x, y, x_dim=0):
     """``fn(prediction, target)`` per run; ``x_dim=None`` shares the data."""
-    return torch.vmap(lambda th, xi, yi: fn(functional_call(optimizee, th, (xi,)), yi),
-                      in_dims=(0, x_dim, x_dim))(theta, x, y)
+    return torch.vmap(
+        lambda th, xi, yi: fn(functional_call(optimizee, th, (xi,)), yi),
+        in_dims=(0, x_dim, x_dim),
+    )(theta, x, y)
 
 
 def _long_rows(curves: dict[str, torch.Tensor], runs: pd.DataFrame) -> pd.DataFrame:
@@ -72,19 +80,28 @@ def _long_rows(curves: dict[str, torch.Tensor], runs: pd.DataFrame) -> pd.DataFr
             continue
         split, metric = key.split("/")
         values = values.cpu().numpy()
-        frame = pd.DataFrame({
-            "step": np.repeat(steps, values.shape[1]),
-            "run_index": np.tile(np.arange(values.shape[1]), len(steps)),
-            "split": split, "metric": metric, "value": values.reshape(-1),
-        })
+        frame = pd.DataFrame(
+            {
+                "step": np.repeat(steps, values.shape[1]),
+                "run_index": np.tile(np.arange(values.shape[1]), len(steps)),
+                "split": split,
+                "metric": metric,
+                "value": values.reshape(-1),
+            }
+        )
         frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
-    out = out.merge(runs, left_on="run_index", right_index=True).drop(columns="run_index")
+    out = out.merge(runs, left_on="run_index", right_index=True).drop(
+        columns="run_index"
+    )
     return out
 
 
-def sine_experiment(params: ExperimentParams, data: dict[str, np.ndarray],
-                    device: torch.device | str = "cpu") -> Experiment:
+def sine_experiment(
+    params: ExperimentParams,
+    data: dict[str, np.ndarray],
+    device: torch.device | str = "cpu",
+) -> Experiment:
     """Sine regression (ML3.md item 1) on one seed's prepared tasks.
 
     As in the authors' protocol the inner step and the task loss use the
@@ -110,46 +127,86 @@ def sine_experiment(params: ExperimentParams, data: dict[str, np.ndarray],
         support = (t["train_x"][val_tasks], t["train_y"][val_tasks])
         heldout = (t["train_x_heldout"][val_tasks], t["train_y_heldout"][val_tasks])
         with torch.no_grad():
-            train = meta.meta_objective(optimizee, learned_loss, mse, val_theta, support,
-                                        support, inner_lr=meta_p.inner_lr,
-                                        n_inner_steps=meta_p.n_inner_steps)
-            held = meta.meta_objective(optimizee, learned_loss, mse, val_theta, support,
-                                       heldout, inner_lr=meta_p.inner_lr,
-                                       n_inner_steps=meta_p.n_inner_steps)
-        return {"val_mse_train": train.mean().item(), "val_mse_heldout": held.mean().item()}
+            train = meta.meta_objective(
+                optimizee,
+                learned_loss,
+                mse,
+                val_theta,
+                support,
+                support,
+                inner_lr=meta_p.inner_lr,
+                n_inner_steps=meta_p.n_inner_steps,
+            )
+            held = meta.meta_objective(
+                optimizee,
+                learned_loss,
+                mse,
+                val_theta,
+                support,
+                heldout,
+                inner_lr=meta_p.inner_lr,
+                n_inner_steps=meta_p.n_inner_steps,
+            )
+        return {
+            "val_mse_train": train.mean().item(),
+            "val_mse_heldout": held.mean().item(),
+        }
 
     def meta_test(loss_fn, seed):
         n_tasks = t["test_x"].shape[0]
         tasks = torch.arange(n_tasks).repeat_interleave(eval_p.n_runs)
-        runs = pd.DataFrame({"task": tasks.numpy(),
-                             "run": np.tile(np.arange(eval_p.n_runs), n_tasks)})
-        theta0 = meta.sample_init(optimizee, len(tasks),
-                                  generator(seed, "sine/evaluate/init"), device)
+        runs = pd.DataFrame(
+            {"task": tasks.numpy(), "run": np.tile(np.arange(eval_p.n_runs), n_tasks)}
+        )
+        theta0 = meta.sample_init(
+            optimizee, len(tasks), generator(seed, "sine/evaluate/init"), device
+        )
         x, y = t["test_x"][tasks], t["test_y"][tasks]
         x_held, y_held = t["test_x_heldout"][tasks], t["test_y_heldout"][tasks]
-        order = _batch_order(len(tasks), x.shape[1], eval_p.batch_size, eval_p.n_steps,
-                             generator(seed, "sine/evaluate/order"))
+        order = _batch_order(
+            len(tasks),
+            x.shape[1],
+            eval_p.batch_size,
+            eval_p.n_steps,
+            generator(seed, "sine/evaluate/order"),
+        )
 
         def batch(step):
             if order is None:
                 return x, y
             idx = order[step - 1].to(device)
-            return (torch.take_along_dim(x, idx[..., None], 1),
-                    torch.take_along_dim(y, idx[..., None], 1))
+            return (
+                torch.take_along_dim(x, idx[..., None], 1),
+                torch.take_along_dim(y, idx[..., None], 1),
+            )
 
         def measure(theta):
-            return {"train/mse": _per_run(optimizee, mse, theta, x, y),
-                    "heldout/mse": _per_run(optimizee, mse, theta, x_held, y_held)}
+            return {
+                "train/mse": _per_run(optimizee, mse, theta, x, y),
+                "heldout/mse": _per_run(optimizee, mse, theta, x_held, y_held),
+            }
 
-        curves = meta.train_optimizees(optimizee, loss_fn, theta0, batch=batch,
-                                       lr=eval_p.lr, n_steps=eval_p.n_steps,
-                                       measure=measure, eval_every=eval_p.eval_every)
+        curves = meta.train_optimizees(
+            optimizee,
+            loss_fn,
+            theta0,
+            batch=batch,
+            lr=eval_p.lr,
+            n_steps=eval_p.n_steps,
+            measure=measure,
+            eval_every=eval_p.eval_every,
+        )
         return _long_rows(curves, runs)
 
     return Experiment(
-        name="sine", optimizee=optimizee, n_loss_inputs=2,
-        task_loss=mse, baseline_name="mse",
-        baseline_loss=mse, sample_batch=sample_batch, validate=validate,
+        name="sine",
+        optimizee=optimizee,
+        n_loss_inputs=2,
+        task_loss=mse,
+        baseline_name="mse",
+        baseline_loss=mse,
+        sample_batch=sample_batch,
+        validate=validate,
         meta_test=meta_test,
     )
 
@@ -161,7 +218,7 @@ def _batch_order(n_runs, n_items, batch_size, n_steps, gen):
     per_epoch = n_items // batch_size
     n_epochs = -(-n_steps // per_epoch)
     perms = torch.rand(n_epochs, n_runs, n_items, generator=gen).argsort(dim=-1)
-    perms = perms[..., :per_epoch * batch_size]
+    perms = perms[..., : per_epoch * batch_size]
     batches = perms.reshape(n_epochs, n_runs, per_epoch, batch_size).transpose(1, 2)
     return batches.reshape(n_epochs * per_epoch, n_runs, batch_size)[:n_steps]
 
@@ -171,8 +228,11 @@ def accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return ((logits.squeeze(-1) > 0).to(labels.dtype) == labels).to(logits.dtype).mean()
 
 
-def mnist_experiment(params: ExperimentParams, data: dict[str, np.ndarray],
-                     device: torch.device | str = "cpu") -> Experiment:
+def mnist_experiment(
+    params: ExperimentParams,
+    data: dict[str, np.ndarray],
+    device: torch.device | str = "cpu",
+) -> Experiment:
     """Binary MNIST classification (ML3.md item 7) on the prepared splits.
 
     Meta-training draws, per task of a meta-batch, a fresh classifier and two
@@ -182,9 +242,14 @@ def mnist_experiment(params: ExperimentParams, data: dict[str, np.ndarray],
     """
     opt_p, meta_p, eval_p = params.optimizee, params.meta_train, params.evaluate
     n_features = data["x_train"].shape[1]
-    optimizee = build_mlp(n_features, opt_p.hidden_sizes, 1, opt_p.activation).to(device)
-    t = {k: torch.as_tensor(v, device=device) for k, v in data.items()
-         if not k.startswith("index_")}
+    optimizee = build_mlp(n_features, opt_p.hidden_sizes, 1, opt_p.activation).to(
+        device
+    )
+    t = {
+        k: torch.as_tensor(v, device=device)
+        for k, v in data.items()
+        if not k.startswith("index_")
+    }
     n_train = t["x_train"].shape[0]
     batch_size = meta_p.batch_size or n_train // 2
     if 2 * batch_size > n_train:
@@ -195,12 +260,16 @@ def mnist_experiment(params: ExperimentParams, data: dict[str, np.ndarray],
 
     def sample_batch(gen):
         idx = torch.rand(meta_p.meta_batch_size, n_train, generator=gen).argsort(dim=1)
-        support, query = idx[:, :batch_size], idx[:, batch_size:2 * batch_size]
-        return ((t["x_train"][support], t["y_train"][support]),
-                (t["x_train"][query], t["y_train"][query]))
+        support, query = idx[:, :batch_size], idx[:, batch_size : 2 * batch_size]
+        return (
+            (t["x_train"][support], t["y_train"][support]),
+            (t["x_train"][query], t["y_train"][query]),
+        )
 
     n_val = 16
-    val_theta = meta.sample_init(optimizee, n_val, generator(0, "mnist/validate"), device)
+    val_theta = meta.sample_init(
+        optimizee, n_val, generator(0, "mnist/validate"), device
+    )
     gen = generator(0, "mnist/validate/batches")
     idx = torch.rand(n_val, n_train, generator=gen).argsort(dim=1)[:, :batch_size]
     val_support = (t["x_train"][idx], t["y_train"][idx])
@@ -208,23 +277,37 @@ def mnist_experiment(params: ExperimentParams, data: dict[str, np.ndarray],
 
     def validate(learned_loss):
         with torch.no_grad():
-            losses = meta.meta_objective(optimizee, learned_loss, bce_with_logits,
-                                         val_theta, val_support, val_query,
-                                         inner_lr=meta_p.inner_lr,
-                                         n_inner_steps=meta_p.n_inner_steps)
+            losses = meta.meta_objective(
+                optimizee,
+                learned_loss,
+                bce_with_logits,
+                val_theta,
+                val_support,
+                val_query,
+                inner_lr=meta_p.inner_lr,
+                n_inner_steps=meta_p.n_inner_steps,
+            )
         return {"val_cross_entropy": losses.mean().item()}
 
     def meta_test(loss_fn, seed):
         runs = pd.DataFrame({"task": 0, "run": np.arange(eval_p.n_runs)})
-        theta0 = meta.sample_init(optimizee, eval_p.n_runs,
-                                  generator(seed, "mnist/evaluate/init"), device)
-        order = _batch_order(eval_p.n_runs, n_train, eval_p.batch_size, eval_p.n_steps,
-                             generator(seed, "mnist/evaluate/order"))
+        theta0 = meta.sample_init(
+            optimizee, eval_p.n_runs, generator(seed, "mnist/evaluate/init"), device
+        )
+        order = _batch_order(
+            eval_p.n_runs,
+            n_train,
+            eval_p.batch_size,
+            eval_p.n_steps,
+            generator(seed, "mnist/evaluate/order"),
+        )
 
         def batch(step):
             if order is None:
-                return (t["x_train"].expand(eval_p.n_runs, -1, -1),
-                        t["y_train"].expand(eval_p.n_runs, -1))
+                return (
+                    t["x_train"].expand(eval_p.n_runs, -1, -1),
+                    t["y_train"].expand(eval_p.n_runs, -1),
+                )
             idx = order[step - 1].to(device)
             return t["x_train"][idx], t["y_train"][idx]
 
@@ -232,30 +315,48 @@ def mnist_experiment(params: ExperimentParams, data: dict[str, np.ndarray],
             out = {}
             for split in ("train", "val", "test"):
                 x, y = t[f"x_{split}"], t[f"y_{split}"]
-                out[f"{split}/accuracy"] = _per_run(optimizee, accuracy_from_logits,
-                                                    theta, x, y, x_dim=None)
-                out[f"{split}/cross_entropy"] = _per_run(optimizee, bce_with_logits,
-                                                         theta, x, y, x_dim=None)
+                out[f"{split}/accuracy"] = _per_run(
+                    optimizee, accuracy_from_logits, theta, x, y, x_dim=None
+                )
+                out[f"{split}/cross_entropy"] = _per_run(
+                    optimizee, bce_with_logits, theta, x, y, x_dim=None
+                )
             return out
 
-        curves = meta.train_optimizees(optimizee, loss_fn, theta0, batch=batch,
-                                       lr=eval_p.lr, n_steps=eval_p.n_steps,
-                                       measure=measure, eval_every=eval_p.eval_every)
+        curves = meta.train_optimizees(
+            optimizee,
+            loss_fn,
+            theta0,
+            batch=batch,
+            lr=eval_p.lr,
+            n_steps=eval_p.n_steps,
+            measure=measure,
+            eval_every=eval_p.eval_every,
+        )
         return _long_rows(curves, runs)
 
     return Experiment(
-        name="mnist", optimizee=optimizee, n_loss_inputs=2,
+        name="mnist",
+        optimizee=optimizee,
+        n_loss_inputs=2,
         task_loss=bce_with_logits,
-        baseline_name="cross_entropy", baseline_loss=bce_with_logits,
-        sample_batch=sample_batch, validate=validate, meta_test=meta_test,
+        baseline_name="cross_entropy",
+        baseline_loss=bce_with_logits,
+        sample_batch=sample_batch,
+        validate=validate,
+        meta_test=meta_test,
     )
 
 
 BUILDERS = {"sine": sine_experiment, "mnist": mnist_experiment}
 
 
-def build_experiment(name: str, params: ExperimentParams, data: dict[str, np.ndarray],
-                     device: torch.device | str = "cpu") -> Experiment:
+def build_experiment(
+    name: str,
+    params: ExperimentParams,
+    data: dict[str, np.ndarray],
+    device: torch.device | str = "cpu",
+) -> Experiment:
     """The :class:`Experiment` called ``name`` (one of ``BUILDERS``)."""
     if name not in BUILDERS:
         raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(BUILDERS)}")

@@ -32,7 +32,8 @@ class Layout:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: run the prepare stage for {experiment!r} "
-                "with the same seeds (dvc repro)")
+                "with the same seeds (dvc repro)"
+            )
         return read_arrays(path)
 
     def models(self, experiment: str) -> Path:

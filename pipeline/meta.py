@@ -30,8 +30,12 @@ Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sample_init(optimizee: nn.Module, n: int, generator: torch.Generator,
-                device: torch.device | str = "cpu") -> Params:
+def sample_init(
+    optimizee: nn.Module,
+    n: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> Params:
     """Draws ``n`` fresh parameter sets for ``optimizee``, stacked on axis 0.
 
     The distribution is torch's default for ``nn.Linear`` (weights and
@@ -54,9 +58,16 @@ def sample_init(optimizee: nn.Module, n: int, generator: torch.Generator,
     return params
 
 
-def adapt(optimizee: nn.Module, learned_loss: nn.Module, theta: Params,
-          x: torch.Tensor, y: torch.Tensor, *, inner_lr: float,
-          n_steps: int) -> Params:
+def adapt(
+    optimizee: nn.Module,
+    learned_loss: nn.Module,
+    theta: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    inner_lr: float,
+    n_steps: int,
+) -> Params:
     """``n_steps`` differentiable SGD steps of one task on the learned loss.
 
     Args:
@@ -77,9 +88,17 @@ def adapt(optimizee: nn.Module, learned_loss: nn.Module, theta: Params,
     return theta
 
 
-def meta_objective(optimizee: nn.Module, learned_loss: nn.Module, task_loss: LossFn,
-                   theta0: Params, support: tuple, query: tuple, *,
-                   inner_lr: float, n_inner_steps: int) -> torch.Tensor:
+def meta_objective(
+    optimizee: nn.Module,
+    learned_loss: nn.Module,
+    task_loss: LossFn,
+    theta0: Params,
+    support: tuple,
+    query: tuple,
+    *,
+    inner_lr: float,
+    n_inner_steps: int,
+) -> torch.Tensor:
     """Task loss after the inner loop, for every task of a meta-batch.
 
     Args:
@@ -92,8 +111,15 @@ def meta_objective(optimizee: nn.Module, learned_loss: nn.Module, task_loss: Los
     """
 
     def one_task(theta, sx, sy, qx, qy):
-        theta = adapt(optimizee, learned_loss, theta, sx, sy,
-                      inner_lr=inner_lr, n_steps=n_inner_steps)
+        theta = adapt(
+            optimizee,
+            learned_loss,
+            theta,
+            sx,
+            sy,
+            inner_lr=inner_lr,
+            n_steps=n_inner_steps,
+        )
         return task_loss(functional_call(optimizee, theta, (qx,)), qy)
 
     return torch.vmap(one_task, randomness="error")(theta0, *support, *query)
@@ -107,14 +133,23 @@ class MetaTrainResult:
     validation: list[dict]
 
 
-def meta_train(optimizee: nn.Module, learned_loss: nn.Module, task_loss: LossFn, *,
-               sample_batch: Callable[[torch.Generator], tuple[tuple, tuple]],
-               n_outer_iterations: int, outer_lr: float, inner_lr: float,
-               n_inner_steps: int, meta_batch_size: int,
-               generator: torch.Generator,
-               validate: Callable[[nn.Module], dict[str, float]] | None = None,
-               validate_every: int = 25, progress: bool = False,
-               device: torch.device | str = "cpu") -> MetaTrainResult:
+def meta_train(
+    optimizee: nn.Module,
+    learned_loss: nn.Module,
+    task_loss: LossFn,
+    *,
+    sample_batch: Callable[[torch.Generator], tuple[tuple, tuple]],
+    n_outer_iterations: int,
+    outer_lr: float,
+    inner_lr: float,
+    n_inner_steps: int,
+    meta_batch_size: int,
+    generator: torch.Generator,
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
+    validate_every: int = 25,
+    progress: bool = False,
+    device: torch.device | str = "cpu",
+) -> MetaTrainResult:
     """Meta-trains ``learned_loss`` in place with the ML3 outer loop.
 
     Each outer iteration draws ``meta_batch_size`` fresh optimizees and a
@@ -133,8 +168,12 @@ def meta_train(optimizee: nn.Module, learned_loss: nn.Module, task_loss: LossFn,
             validation.append({"iteration": iteration, **validate(learned_loss)})
 
     run_validation(0)
-    bar = tqdm(range(1, n_outer_iterations + 1), desc="meta-train", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        range(1, n_outer_iterations + 1),
+        desc="meta-train",
+        disable=not progress,
+        leave=False,
+    )
     for iteration in bar:
         theta0 = sample_init(optimizee, meta_batch_size, generator, device)
         support, query = sample_batch(generator)
@@ -146,13 +185,26 @@ def meta_train(optimizee: nn.Module, learned_loss: nn.Module, task_loss: LossFn,
             )(theta0, *query).mean()
 
         # outer step: the meta-gradient flows back through the inner SGD steps
-        losses = meta_objective(optimizee, learned_loss, task_loss, theta0, support,
-                                query, inner_lr=inner_lr, n_inner_steps=n_inner_steps)
+        losses = meta_objective(
+            optimizee,
+            learned_loss,
+            task_loss,
+            theta0,
+            support,
+            query,
+            inner_lr=inner_lr,
+            n_inner_steps=n_inner_steps,
+        )
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in learned_loss.parameters()
-                                   if p.grad is not None))
+        grad_norm = torch.sqrt(
+            sum(
+                (p.grad**2).sum()
+                for p in learned_loss.parameters()
+                if p.grad is not None
+            )
+        )
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             raise FloatingPointError(
                 f"meta-training diverged at outer iteration {iteration}: task loss "
@@ -161,20 +213,31 @@ def meta_train(optimizee: nn.Module, learned_loss: nn.Module, task_loss: LossFn,
             )
         optimizer.step()
 
-        history.append({"iteration": iteration, "task_loss": loss.item(),
-                        "task_loss_before": before.item(),
-                        "meta_grad_norm": grad_norm.item()})
+        history.append(
+            {
+                "iteration": iteration,
+                "task_loss": loss.item(),
+                "task_loss_before": before.item(),
+                "meta_grad_norm": grad_norm.item(),
+            }
+        )
         bar.set_postfix(task_loss=f"{loss.item():.4f}")
         if iteration % validate_every == 0 or iteration == n_outer_iterations:
             run_validation(iteration)
     return MetaTrainResult(history=history, validation=validation)
 
 
-def train_optimizees(optimizee: nn.Module, loss_fn: LossFn, theta0: Params, *,
-                     batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                     lr: float, n_steps: int,
-                     measure: Callable[[Params], dict[str, torch.Tensor]],
-                     eval_every: int = 1) -> dict[str, torch.Tensor]:
+def train_optimizees(
+    optimizee: nn.Module,
+    loss_fn: LossFn,
+    theta0: Params,
+    *,
+    batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    n_steps: int,
+    measure: Callable[[Params], dict[str, torch.Tensor]],
+    eval_every: int = 1,
+) -> dict[str, torch.Tensor]:
     """Trains ``R`` optimizees at once by plain SGD on ``loss_fn`` (meta-test).
 
     Args:

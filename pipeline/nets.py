@@ -25,8 +25,9 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def build_mlp(n_inputs: int, hidden_sizes, n_outputs: int, activation: str,
-              bias: bool = True) -> nn.Sequential:
+def build_mlp(
+    n_inputs: int, hidden_sizes, n_outputs: int, activation: str, bias: bool = True
+) -> nn.Sequential:
     """Linear layers of the given widths with ``activation`` between them."""
     sizes = [n_inputs, *hidden_sizes, n_outputs]
     layers: list[nn.Module] = []
@@ -84,9 +85,16 @@ class LearnedLoss(nn.Module):
         probabilities.
     """
 
-    def __init__(self, n_inputs: int, hidden_sizes=(50, 50), activation="relu",
-                 bias=False, init="xavier_uniform", output_activation="softplus",
-                 prediction_transform="identity"):
+    def __init__(
+        self,
+        n_inputs: int,
+        hidden_sizes=(50, 50),
+        activation="relu",
+        bias=False,
+        init="xavier_uniform",
+        output_activation="softplus",
+        prediction_transform="identity",
+    ):
         super().__init__()
         if n_inputs < 1:
             raise ValueError(f"n_inputs must be >= 1, got {n_inputs}")
@@ -111,19 +119,23 @@ class LearnedLoss(nn.Module):
         }
         self.net = build_mlp(n_inputs, hidden_sizes, 1, activation, bias=bias)
         init_weights(self.net, init)
-        self.output = nn.Softplus() if output_activation == "softplus" else nn.Identity()
+        self.output = (
+            nn.Softplus() if output_activation == "softplus" else nn.Identity()
+        )
 
     def join_inputs(self, prediction, *others) -> torch.Tensor:
         """Joins the inputs into ``[N, n_inputs]``, checking their shapes."""
         if self.config["prediction_transform"] == "sigmoid":
             prediction = torch.sigmoid(prediction)
-        columns = [t.unsqueeze(-1) if t.dim() == 1 else t
-                   for t in (prediction, *others)]
+        columns = [
+            t.unsqueeze(-1) if t.dim() == 1 else t for t in (prediction, *others)
+        ]
         rows = {c.shape[0] for c in columns}
         if len(rows) != 1 or any(c.dim() != 2 for c in columns):
             shapes = ", ".join(str(tuple(t.shape)) for t in (prediction, *others))
             raise ValueError(
-                f"LearnedLoss inputs must be [N] or [N, d] with the same N; got {shapes}"
+                "LearnedLoss inputs must be [N] or [N, d] with the same N; "
+                f"got {shapes}"
             )
         joined = torch.cat(columns, dim=-1)
         if joined.shape[-1] != self.config["n_inputs"]:
@@ -145,8 +157,15 @@ class LearnedLoss(nn.Module):
 
 def learned_loss_from_config(config: dict) -> LearnedLoss:
     """Rebuilds a :class:`LearnedLoss` from its ``config`` attribute."""
-    allowed = {"n_inputs", "hidden_sizes", "activation", "bias", "init",
-               "output_activation", "prediction_transform"}
+    allowed = {
+        "n_inputs",
+        "hidden_sizes",
+        "activation",
+        "bias",
+        "init",
+        "output_activation",
+        "prediction_transform",
+    }
     unknown = set(config) - allowed
     if unknown:
         raise ValueError(

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.stats import mean_ci, paired_summary, summarize  # noqa: E402
+from pipeline.stats import mean_ci, paired_summary  # noqa: E402
 
 LOWER_IS_BETTER = {"mse": True, "cross_entropy": True, "accuracy": False}
 TITLES = {"sine": "Sine regression", "mnist": "Binary MNIST"}
@@ -46,8 +46,11 @@ class Section:
 
 
 def _fmt(value: float, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
         else f"{value:.{digits}g}"
+    )
 
 
 def _interval(mean, low, high) -> str:
@@ -68,8 +71,9 @@ def checkpoint_steps(curves: pd.DataFrame) -> list[int]:
     return sorted({int(early), int(final)})
 
 
-def comparison_table(curves: pd.DataFrame, baseline: str,
-                     confidence: float) -> pd.DataFrame:
+def comparison_table(
+    curves: pd.DataFrame, baseline: str, confidence: float
+) -> pd.DataFrame:
     """Display table: learned vs baseline at checkpoint steps, every split/metric.
 
     Means and intervals are over seeds (of per-seed means over tasks and
@@ -77,43 +81,74 @@ def comparison_table(curves: pd.DataFrame, baseline: str,
     loss is better; p is a paired t-test over seeds.
     """
     rows = []
+    # the validation split only monitors meta-training; it stays in the CSVs
+    shown = curves[curves.split != "val"]
     for step in checkpoint_steps(curves):
-        at = curves[curves.step == step]
+        at = shown[shown.step == step]
         for (split, metric), group in at.groupby(["split", "metric"]):
             lower = LOWER_IS_BETTER[metric]
             per_seed = group.groupby(["method", "seed"]).value.mean().unstack("method")
-            per_instance = group.pivot_table(index=["seed", "task", "run"],
-                                             columns="method", values="value")
-            seeds = paired_summary(per_seed["learned"], per_seed[baseline],
-                                   lower_is_better=lower, confidence=confidence)
-            inst = paired_summary(per_instance["learned"], per_instance[baseline],
-                                  lower_is_better=lower, confidence=confidence)
-            rows.append({
-                "step": step, "split": split, "metric": metric,
-                "learned": _interval(*mean_ci(per_seed["learned"], confidence)),
-                baseline: _interval(*mean_ci(per_seed[baseline], confidence)),
-                "learned - baseline": _interval(seeds["diff_mean"], seeds["diff_low"],
-                                                seeds["diff_high"]),
-                "seeds won": f"{seeds['wins']}/{seeds['n_pairs']}",
-                "instances won": f"{inst['wins']}/{inst['n_pairs']}",
-                "p (paired t)": _fmt(seeds["p_value"], 2),
-            })
+            per_instance = group.pivot_table(
+                index=["seed", "task", "run"], columns="method", values="value"
+            )
+            seeds = paired_summary(
+                per_seed["learned"],
+                per_seed[baseline],
+                lower_is_better=lower,
+                confidence=confidence,
+            )
+            inst = paired_summary(
+                per_instance["learned"],
+                per_instance[baseline],
+                lower_is_better=lower,
+                confidence=confidence,
+            )
+            rows.append(
+                {
+                    "step": step,
+                    "split": split,
+                    "metric": metric,
+                    "learned": _interval(*mean_ci(per_seed["learned"], confidence)),
+                    baseline: _interval(*mean_ci(per_seed[baseline], confidence)),
+                    "learned - baseline": _interval(
+                        seeds["diff_mean"], seeds["diff_low"], seeds["diff_high"]
+                    ),
+                    "seeds won": f"{seeds['wins']}/{seeds['n_pairs']}",
+                    "instances won": f"{inst['wins']}/{inst['n_pairs']}",
+                    "p (paired t)": _fmt(seeds["p_value"], 2),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def plot_meta_train(histories: pd.DataFrame, validation: pd.DataFrame, path: Path,
-                    title: str, confidence: float) -> Path:
+def plot_meta_train(
+    histories: pd.DataFrame,
+    validation: pd.DataFrame,
+    path: Path,
+    title: str,
+    confidence: float,
+) -> Path:
     """Meta-training curves: task loss after the inner loop, band over seeds."""
     metrics = [c for c in validation.columns if c not in ("iteration", "seed")]
-    fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 3.4))
+    fig, axes = plt.subplots(
+        1, 1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 3.4)
+    )
     smooth = histories.copy()
     smooth["task_loss"] = smooth.groupby("seed").task_loss.transform(
-        lambda s: s.rolling(10, min_periods=1).mean())
+        lambda s: s.rolling(10, min_periods=1).mean()
+    )
     smooth["task_loss_before"] = smooth.groupby("seed").task_loss_before.transform(
-        lambda s: s.rolling(10, min_periods=1).mean())
+        lambda s: s.rolling(10, min_periods=1).mean()
+    )
     _band(axes[0], smooth, "iteration", "task_loss", "after inner loop", confidence)
-    _band(axes[0], smooth, "iteration", "task_loss_before", "before (fresh init)",
-          confidence)
+    _band(
+        axes[0],
+        smooth,
+        "iteration",
+        "task_loss_before",
+        "before (fresh init)",
+        confidence,
+    )
     axes[0].set(title="meta-train task loss (10-iter. mean)", xlabel="outer iteration")
     for ax, metric in zip(axes[1:], metrics, strict=True):
         _band(ax, validation, "iteration", metric, metric, confidence)
@@ -127,14 +162,16 @@ def plot_meta_train(histories: pd.DataFrame, validation: pd.DataFrame, path: Pat
     return path
 
 
-def plot_meta_test(curves: pd.DataFrame, path: Path, title: str,
-                   confidence: float) -> Path:
+def plot_meta_test(
+    curves: pd.DataFrame, path: Path, title: str, confidence: float
+) -> Path:
     """Meta-test curves per split and metric, mean over seeds with a band."""
     panels = sorted(curves.groupby(["metric", "split"]).groups)
     n_cols = min(3, len(panels))
     n_rows = -(-len(panels) // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.5 * n_cols, 3.3 * n_rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(4.5 * n_cols, 3.3 * n_rows), squeeze=False
+    )
     for ax, (metric, split) in zip(axes.flat, panels, strict=False):
         sel = curves[(curves.metric == metric) & (curves.split == split)]
         per_seed = sel.groupby(["method", "seed", "step"], as_index=False).value.mean()
@@ -144,7 +181,7 @@ def plot_meta_test(curves: pd.DataFrame, path: Path, title: str,
         if metric in ("mse", "cross_entropy"):
             ax.set_yscale("log")
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
@@ -157,8 +194,14 @@ def _band(ax, frame: pd.DataFrame, x: str, y: str, label: str, confidence: float
     rows = [(key, *mean_ci(group[y], confidence)) for key, group in frame.groupby(x)]
     stats = pd.DataFrame(rows, columns=[x, "mean", "low", "high"])
     (line,) = ax.plot(stats[x], stats["mean"], label=label)
-    ax.fill_between(stats[x], stats["low"], stats["high"], alpha=0.2,
-                    color=line.get_color(), linewidth=0)
+    ax.fill_between(
+        stats[x],
+        stats["low"],
+        stats["high"],
+        alpha=0.2,
+        color=line.get_color(),
+        linewidth=0,
+    )
 
 
 def sine_paper_table(curves: pd.DataFrame) -> pd.DataFrame:
@@ -168,9 +211,15 @@ def sine_paper_table(curves: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for method, (ref_mean, ref_sd) in AUTHORS_SINE.items():
         values = per_seed[method]
-        rows.append({"method": method,
-                     "ours: mean ± sd over seeds": f"{values.mean():.2f} ± {values.std():.2f}",
-                     "authors' code": f"{ref_mean:.2f} ± {ref_sd:.2f}"})
+        rows.append(
+            {
+                "method": method,
+                "ours: mean ± sd over seeds": (
+                    f"{values.mean():.2f} ± {values.std():.2f}"
+                ),
+                "authors' code": f"{ref_mean:.2f} ± {ref_sd:.2f}",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -189,8 +238,11 @@ def render_markdown(title: str, sections: list[Section], base: Path) -> str:
                 lines += [frame.to_markdown(index=False), ""]
             else:
                 path, caption = content
-                lines += [f"![{caption}]({path.relative_to(base).as_posix()})",
-                          f"*{caption}*", ""]
+                lines += [
+                    f"![{caption}]({path.relative_to(base).as_posix()})",
+                    f"*{caption}*",
+                    "",
+                ]
     return "\n".join(lines)
 
 
@@ -203,7 +255,8 @@ def render_html(title: str, sections: list[Section]) -> str:
         "table{border-collapse:collapse;margin:1em 0;font-size:14px}",
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}",
         "th{background:#f3f3f3} img{max-width:100%} .cap{color:#555;font-style:italic}",
-        "</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
     ]
     for section in sections:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
@@ -218,9 +271,11 @@ def render_html(title: str, sections: list[Section]) -> str:
             else:
                 path, caption = content
                 data = base64.b64encode(Path(path).read_bytes()).decode()
-                parts.append(f"<figure><img alt='{html.escape(caption)}' "
-                             f"src='data:image/png;base64,{data}'>"
-                             f"<figcaption class='cap'>{html.escape(caption)}"
-                             "</figcaption></figure>")
+                parts.append(
+                    f"<figure><img alt='{html.escape(caption)}' "
+                    f"src='data:image/png;base64,{data}'>"
+                    f"<figcaption class='cap'>{html.escape(caption)}"
+                    "</figcaption></figure>"
+                )
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -37,8 +37,10 @@ def stream_seed(seed: int, stream: str) -> int:
     draws from shifting another's when a setting changes.
     """
     key = zlib.crc32(stream.encode())
-    return int(np.random.SeedSequence([seed, key]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([seed, key]).generate_state(2, np.uint64)[0]
+        >> np.uint64(1)
+    )
 
 
 def generator(seed: int, stream: str) -> torch.Generator:

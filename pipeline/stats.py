@@ -22,8 +22,9 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def paired_summary(learned, baseline, *, lower_is_better: bool,
-                   confidence: float = 0.95) -> dict:
+def paired_summary(
+    learned, baseline, *, lower_is_better: bool, confidence: float = 0.95
+) -> dict:
     """Compares paired per-seed values of two methods.
 
     Returns the mean and interval of ``learned - baseline``, the number of
@@ -34,15 +35,22 @@ def paired_summary(learned, baseline, *, lower_is_better: bool,
     baseline = np.asarray(baseline, dtype=float)
     if learned.shape != baseline.shape:
         raise ValueError(
-            f"paired values need equal shapes, got {learned.shape} and {baseline.shape}")
+            f"paired values need equal shapes, got {learned.shape} and {baseline.shape}"
+        )
     diff = learned - baseline
     mean, low, high = mean_ci(diff, confidence)
     wins = int((diff < 0).sum() if lower_is_better else (diff > 0).sum())
     p_value = math.nan
     if len(diff) >= 2 and np.std(diff) > 0:
         p_value = float(stats.ttest_rel(learned, baseline).pvalue)
-    return {"diff_mean": mean, "diff_low": low, "diff_high": high, "wins": wins,
-            "n_pairs": len(diff), "p_value": p_value}
+    return {
+        "diff_mean": mean,
+        "diff_low": low,
+        "diff_high": high,
+        "wins": wins,
+        "n_pairs": len(diff),
+        "p_value": p_value,
+    }
 
 
 def summarize(table: pd.DataFrame, *, by: list[str], confidence: float) -> pd.DataFrame:
@@ -56,8 +64,13 @@ def summarize(table: pd.DataFrame, *, by: list[str], confidence: float) -> pd.Da
     rows = []
     for key, group in per_seed.groupby(by):
         mean, low, high = mean_ci(group.value, confidence)
-        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,),
-                                strict=True)),
-                     "mean": mean, "ci_low": low, "ci_high": high,
-                     "n_seeds": len(group)})
+        rows.append(
+            {
+                **dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)),
+                "mean": mean,
+                "ci_low": low,
+                "ci_high": high,
+                "n_seeds": len(group),
+            }
+        )
     return pd.DataFrame(rows)

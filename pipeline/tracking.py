@@ -40,7 +40,7 @@ def store_root(cwd: str | Path | None = None) -> Path:
     cwd = Path(cwd or os.getcwd()).resolve()
     parts = cwd.parts
     for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return cwd
 
@@ -71,17 +71,28 @@ def experiment_id(name: str, root: str | Path | None = None) -> str:
     found = mlflow.get_experiment_by_name(full)
     if found is not None:
         return found.experiment_id
-    return mlflow.create_experiment(full, artifact_location=f"{artifact_location(root)}/{full}")
+    return mlflow.create_experiment(
+        full, artifact_location=f"{artifact_location(root)}/{full}"
+    )
 
 
 def git_commit(root: str | Path) -> str:
     """``HEAD`` of the repository at ``root``, ``+dirty`` if files changed."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, check=True, capture_output=True,
-                               text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -106,17 +117,27 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stage_run(experiment: str, stage: str, params: dict, *, root: str | Path,
-              tags: dict | None = None):
+def stage_run(
+    experiment: str,
+    stage: str,
+    params: dict,
+    *,
+    root: str | Path,
+    tags: dict | None = None,
+):
     """An MLflow run for one stage execution, with params and provenance tags.
 
     A run that raises is ended as FAILED by MLflow; the exception propagates.
     """
     connect(root)
     exp_id = experiment_id(experiment, root)
-    all_tags = {"stage": stage, "pipeline_experiment": experiment,
-                "git_commit": git_commit(root), "params_hash": params_hash(params),
-                **(tags or {})}
+    all_tags = {
+        "stage": stage,
+        "pipeline_experiment": experiment,
+        "git_commit": git_commit(root),
+        "params_hash": params_hash(params),
+        **(tags or {}),
+    }
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=all_tags) as run:
         mlflow.log_params(flatten(params))
         yield run
@@ -133,9 +154,12 @@ def seed_run(stage: str, seed: int, tags: dict | None = None):
     all_tags = {k: v for k, v in stored.tags.items() if not k.startswith("mlflow.")}
     all_tags.update({"seed": str(seed), **(tags or {})})
     # nested runs land in the default experiment unless told the parent's
-    with mlflow.start_run(experiment_id=parent.info.experiment_id,
-                          run_name=f"{stage}/seed={seed}", nested=True,
-                          tags=all_tags) as run:
+    with mlflow.start_run(
+        experiment_id=parent.info.experiment_id,
+        run_name=f"{stage}/seed={seed}",
+        nested=True,
+        tags=all_tags,
+    ) as run:
         mlflow.log_params({**stored.params, "seed": seed})
         yield run
 
@@ -143,11 +167,15 @@ def seed_run(stage: str, seed: int, tags: dict | None = None):
 def log_history(rows: list[dict], *, step_key: str, prefix: str = "") -> None:
     """Logs every numeric column of ``rows`` as a metric history over ``step_key``."""
     run_id = mlflow.active_run().info.run_id
-    metrics = [Metric(f"{prefix}{k}", float(v), 0, int(row[step_key]))
-               for row in rows for k, v in row.items() if k != step_key]
+    metrics = [
+        Metric(f"{prefix}{k}", float(v), 0, int(row[step_key]))
+        for row in rows
+        for k, v in row.items()
+        if k != step_key
+    ]
     client = MlflowClient()
     for start in range(0, len(metrics), _METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + _METRICS_PER_BATCH])
+        client.log_batch(run_id, metrics=metrics[start : start + _METRICS_PER_BATCH])
 
 
 def log_metrics(metrics: dict[str, float], step: int = 0) -> None:
@@ -169,8 +197,9 @@ def log_figure(figure, name: str) -> None:
     mlflow.log_figure(figure, name)
 
 
-def register_learned_loss(module, folder: str | Path, model_name: str,
-                          tags: dict | None = None) -> int:
+def register_learned_loss(
+    module, folder: str | Path, model_name: str, tags: dict | None = None
+) -> int:
     """Logs a learned loss as an MLflow model, registers it, returns its version.
 
     The weights (tensors only) and config are logged too, under
@@ -182,19 +211,25 @@ def register_learned_loss(module, folder: str | Path, model_name: str,
 
     mlflow.log_artifacts(str(folder), WEIGHTS_ARTIFACT)
     info = mlflow.pytorch.log_model(
-        module, name="learned_loss", registered_model_name=model_name,
+        module,
+        name="learned_loss",
+        registered_model_name=model_name,
         serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
     version = int(info.registered_model_version)
     client = MlflowClient()
-    for key, value in {"run_id": mlflow.active_run().info.run_id, **(tags or {})}.items():
+    for key, value in {
+        "run_id": mlflow.active_run().info.run_id,
+        **(tags or {}),
+    }.items():
         client.set_model_version_tag(model_name, str(version), key, str(value))
     return version
 
 
-def load_registered_loss(name: str, version: int | str = "latest", *,
-                         tracking: str | None = None):
+def load_registered_loss(
+    name: str, version: int | str = "latest", *, tracking: str | None = None
+):
     """A registered learned loss, frozen and ready to use as a loss function.
 
     Args:
@@ -218,6 +253,9 @@ def load_registered_loss(name: str, version: int | str = "latest", *,
     run_id = mv.run_id or (mv.tags or {}).get("run_id")
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=tmp,
-            tracking_uri=uri)
+            run_id=run_id,
+            artifact_path=WEIGHTS_ARTIFACT,
+            dst_path=tmp,
+            tracking_uri=uri,
+        )
         return load_learned_loss(local)

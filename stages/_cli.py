@@ -20,8 +20,9 @@ def show_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def main(run: Callable[..., None], doc: str, argv=None, *,
-         per_experiment: bool = True) -> int:
+def main(
+    run: Callable[..., None], doc: str, argv=None, *, per_experiment: bool = True
+) -> int:
     """Parses ``[experiment] [--params P] [--root R]`` and calls ``run``.
 
     Returns the exit status: 0, or 2 for bad params (message, no traceback).
@@ -29,13 +30,24 @@ def main(run: Callable[..., None], doc: str, argv=None, *,
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     if per_experiment:
         parser.add_argument("experiment", choices=EXPERIMENTS)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: params.yaml)")
-    parser.add_argument("--root", type=Path, default=Path("."),
-                        help="repository root for inputs and outputs (default: .)")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file (default: params.yaml)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="repository root for inputs and outputs (default: .)",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("mlflow", "alembic", "urllib3", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kwargs = {"params_path": args.params, "root": args.root.resolve()}

@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline import artifacts, runtime, tracking
-from pipeline.config import as_dict, load_params
+from pipeline.config import load_params, stage_sections
 from pipeline.experiments import build_experiment
 from pipeline.layout import Layout, seed_dir
 from stages import _cli
@@ -33,35 +33,55 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
     params = all_params.experiments[experiment]
     device = runtime.configure(all_params.runtime.device, all_params.runtime.n_threads)
     layout = Layout(root)
-    section = {"runtime": as_dict(all_params.runtime), "seeds": params.seeds,
-               "optimizee": as_dict(params.optimizee),
-               "evaluate": as_dict(params.evaluate)}
+    section = stage_sections(
+        all_params, experiment, "runtime", "seeds", "optimizee", "evaluate"
+    )
     frames = []
 
     with tracking.stage_run(experiment, "evaluate", section, root=root):
-        for seed in tqdm(params.seeds, desc=f"evaluate {experiment}",
-                         disable=not _cli.show_progress()):
-            exp = build_experiment(experiment, params,
-                                   layout.read_prepared(experiment, seed), device)
+        for seed in tqdm(
+            params.seeds,
+            desc=f"evaluate {experiment}",
+            disable=not _cli.show_progress(),
+        ):
+            exp = build_experiment(
+                experiment, params, layout.read_prepared(experiment, seed), device
+            )
             learned = artifacts.load_learned_loss(
-                seed_dir(layout.models(experiment), seed)).to(device)
+                seed_dir(layout.models(experiment), seed)
+            ).to(device)
             with tracking.seed_run("evaluate", seed):
-                curves = pd.concat([
-                    exp.meta_test(learned, seed).assign(method="learned"),
-                    exp.meta_test(exp.baseline_loss, seed).assign(
-                        method=exp.baseline_name),
-                ], ignore_index=True).assign(experiment=experiment, seed=seed)
+                curves = pd.concat(
+                    [
+                        exp.meta_test(learned, seed).assign(method="learned"),
+                        exp.meta_test(exp.baseline_loss, seed).assign(
+                            method=exp.baseline_name
+                        ),
+                    ],
+                    ignore_index=True,
+                ).assign(experiment=experiment, seed=seed)
                 frames.append(curves)
                 _log_seed(curves)
         table = pd.concat(frames, ignore_index=True)[
-            ["experiment", "method", "seed", "task", "run", "step", "split", "metric",
-             "value"]]
+            [
+                "experiment",
+                "method",
+                "seed",
+                "task",
+                "run",
+                "step",
+                "split",
+                "metric",
+                "value",
+            ]
+        ]
         with artifacts.atomic_dir(layout.results(experiment)) as out:
             artifacts.write_csv(out / "curves.csv", table)
         metrics = final_metrics(table)
         artifacts.write_json(layout.metrics(experiment, "evaluate"), metrics)
-        tracking.log_metrics({k.replace("/", "_"): v
-                              for k, v in _flat(metrics["mean"]).items()})
+        tracking.log_metrics(
+            {k.replace("/", "_"): v for k, v in _flat(metrics["mean"]).items()}
+        )
         tracking.log_artifacts(layout.results(experiment) / "curves.csv")
     log.info("%s: %s", experiment, _flat(metrics["mean"]))
 
@@ -71,7 +91,9 @@ def _log_seed(curves: pd.DataFrame) -> None:
     means = curves.groupby(["method", "split", "metric", "step"]).value.mean()
     rows: dict[int, dict] = {}
     for (method, split, metric, step), value in means.items():
-        rows.setdefault(int(step), {"step": int(step)})[f"{method}/{split}_{metric}"] = value
+        rows.setdefault(int(step), {"step": int(step)})[
+            f"{method}/{split}_{metric}"
+        ] = value
     tracking.log_history(list(rows.values()), step_key="step")
 
 
@@ -80,12 +102,14 @@ def final_metrics(table: pd.DataFrame) -> dict:
     last = table[table.step == table.step.max()]
     per_seed = last.groupby(["seed", "method", "split", "metric"]).value.mean()
     out: dict = {"mean": {}}
-    for (method, split, metric), value in \
-            last.groupby(["method", "split", "metric"]).value.mean().items():
+    for (method, split, metric), value in (
+        last.groupby(["method", "split", "metric"]).value.mean().items()
+    ):
         out["mean"].setdefault(method, {})[f"{split}_{metric}"] = float(value)
     for (seed, method, split, metric), value in per_seed.items():
         out.setdefault(f"seed_{seed}", {}).setdefault(method, {})[
-            f"{split}_{metric}"] = float(value)
+            f"{split}_{metric}"
+        ] = float(value)
     return out
 
 

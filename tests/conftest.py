@@ -27,8 +27,9 @@ def tiny_params_dict() -> dict:
     params["sine"]["learned_loss"]["hidden_sizes"] = [8, 8]
     params["mnist"]["optimizee"]["hidden_sizes"] = [8]
     params["mnist"]["learned_loss"]["hidden_sizes"] = [8, 8]
-    params["mnist"]["meta_train"].update(batch_size=16, meta_batch_size=2,
-                                         n_inner_steps=2)
+    params["mnist"]["meta_train"].update(
+        batch_size=16, meta_batch_size=2, n_inner_steps=2
+    )
     params["mnist"]["evaluate"]["batch_size"] = 16
     return params
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from conftest import tiny_params_dict, write_params
-from pipeline.config import ParamsError, check_experiment_name, load_params, parse_params
+
+from pipeline.config import (
+    ParamsError,
+    check_experiment_name,
+    load_params,
+    parse_params,
+)
 
 
 def broken(path_value):
@@ -25,42 +30,72 @@ def broken(path_value):
 
 
 CASES = [
-    (("sine.meta_train.outer_lrr", 0.1),
-     r"unknown key sine\.meta_train\.outer_lrr; allowed keys in sine\.meta_train: "
-     r"n_outer_iterations, outer_lr"),
-    (("sine.meta_train.outer_lr", -0.001),
-     r"sine\.meta_train\.outer_lr = -0\.001 is out of range: expected a number > 0"),
-    (("mnist.evaluate.n_steps", 0),
-     r"mnist\.evaluate\.n_steps = 0 is out of range: expected an integer > 0"),
-    (("sine.meta_train.n_inner_steps", 0),
-     r"sine\.meta_train\.n_inner_steps = 0 is out of range: expected an integer >= 1"),
-    (("sine.meta_train.inner_lr", "fast"),
-     r"sine\.meta_train\.inner_lr = 'fast' \(str\): expected a number"),
-    (("sine.meta_train.n_outer_iterations", 2.5),
-     r"n_outer_iterations = 2\.5 \(float\): expected an integer"),
-    (("sine.learned_loss.bias", 1),
-     r"sine\.learned_loss\.bias = 1 \(int\): expected true or false"),
-    (("sine.meta_train.meta_batch_size", True),
-     r"meta_batch_size = True \(bool\): expected an integer"),
-    (("sine.learned_loss.activation", "swish"),
-     r"activation = 'swish': expected one of relu, tanh, elu, gelu"),
+    (
+        ("sine.meta_train.outer_lrr", 0.1),
+        r"unknown key sine\.meta_train\.outer_lrr; allowed keys in sine\.meta_train: "
+        r"n_outer_iterations, outer_lr",
+    ),
+    (
+        ("sine.meta_train.outer_lr", -0.001),
+        r"sine\.meta_train\.outer_lr = -0\.001 is out of range: expected a number > 0",
+    ),
+    (
+        ("mnist.evaluate.n_steps", 0),
+        r"mnist\.evaluate\.n_steps = 0 is out of range: expected an integer > 0",
+    ),
+    (
+        ("sine.meta_train.n_inner_steps", 0),
+        r"n_inner_steps = 0 is out of range: expected an integer >= 1",
+    ),
+    (
+        ("sine.meta_train.inner_lr", "fast"),
+        r"sine\.meta_train\.inner_lr = 'fast' \(str\): expected a number",
+    ),
+    (
+        ("sine.meta_train.n_outer_iterations", 2.5),
+        r"n_outer_iterations = 2\.5 \(float\): expected an integer",
+    ),
+    (
+        ("sine.learned_loss.bias", 1),
+        r"sine\.learned_loss\.bias = 1 \(int\): expected true or false",
+    ),
+    (
+        ("sine.meta_train.meta_batch_size", True),
+        r"meta_batch_size = True \(bool\): expected an integer",
+    ),
+    (
+        ("sine.learned_loss.activation", "swish"),
+        r"activation = 'swish': expected one of relu, tanh, elu, gelu",
+    ),
     (("runtime.device", "tpu"), r"runtime\.device = 'tpu': expected one of auto, cpu"),
-    (("sine.prepare.test_x_range", [5.0]),
-     r"test_x_range = \[5\.0\] has 1 items: expected exactly 2"),
-    (("sine.prepare.test_x_range", [5.0, -5.0]),
-     r"test_x_range = \[5\.0, -5\.0\]: expected \[low, high\] with low <= high"),
-    (("sine.optimizee.hidden_sizes", [16, 0]),
-     r"hidden_sizes\[1\] = 0 is out of range: expected an integer > 0"),
+    (
+        ("sine.prepare.test_x_range", [5.0]),
+        r"test_x_range = \[5\.0\] has 1 items: expected exactly 2",
+    ),
+    (
+        ("sine.prepare.test_x_range", [5.0, -5.0]),
+        r"test_x_range = \[5\.0, -5\.0\]: expected \[low, high\] with low <= high",
+    ),
+    (
+        ("sine.optimizee.hidden_sizes", [16, 0]),
+        r"hidden_sizes\[1\] = 0 is out of range: expected an integer > 0",
+    ),
     (("mnist.prepare.classes", [4, 4]), r"classes = \[4, 4\]: expected two different"),
-    (("mnist.prepare.classes", [4, 10]),
-     r"classes\[1\] = 10 is out of range: expected an integer <= 9"),
-    (("mnist.prepare.split_fractions", [0.5, 0.2, 0.2]),
-     r"expected train, validation and test fractions summing to 1"),
+    (
+        ("mnist.prepare.classes", [4, 10]),
+        r"classes\[1\] = 10 is out of range: expected an integer <= 9",
+    ),
+    (
+        ("mnist.prepare.split_fractions", [0.5, 0.2, 0.2]),
+        r"expected train, validation and test fractions summing to 1",
+    ),
     (("sine.seeds", [0, 0]), r"sine\.seeds = \[0, 0\]: expected distinct seeds"),
     (("sine.seeds", []), r"sine\.seeds = \[\]: expected a non-empty list"),
     (("mnist.meta_train.outer_lr", None), r"missing key mnist\.meta_train\.outer_lr"),
-    (("report.confidence", 1.5),
-     r"report\.confidence = 1\.5 is out of range: expected a number <= 0\.999"),
+    (
+        ("report.confidence", 1.5),
+        r"report\.confidence = 1\.5 is out of range: expected a number <= 0\.999",
+    ),
     (("sine.evaluate", "fast"), r"sine\.evaluate = 'fast': expected a mapping"),
     (("extra", {}), r"unknown key params\.yaml \(top level\)\.extra"),
 ]
@@ -92,8 +127,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_unknown_experiment_lists_valid_ones():
-    with pytest.raises(ParamsError, match="unknown experiment 'cifar'; valid "
-                                          "experiments: sine, mnist"):
+    with pytest.raises(
+        ParamsError, match="unknown experiment 'cifar'; valid experiments: sine, mnist"
+    ):
         check_experiment_name("cifar")
 
 
@@ -104,11 +140,14 @@ def test_bad_params_stop_stage_and_keep_outputs(tmp_path, tracking):
     out = tmp_path / "models" / "sine"
     out.mkdir(parents=True)
     (out / "previous.txt").write_text("earlier output")
-    path = write_params(tmp_path / "params.yaml",
-                        broken(("sine.meta_train.outer_lr", -1.0)))
-    status = meta_train._cli.main(meta_train.run, meta_train.__doc__,
-                                  ["sine", "--params", str(path), "--root",
-                                   str(tmp_path)])
+    path = write_params(
+        tmp_path / "params.yaml", broken(("sine.meta_train.outer_lr", -1.0))
+    )
+    status = meta_train._cli.main(
+        meta_train.run,
+        meta_train.__doc__,
+        ["sine", "--params", str(path), "--root", str(tmp_path)],
+    )
     assert status == 2
     assert (out / "previous.txt").read_text() == "earlier output"
     assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]

@@ -12,7 +12,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from conftest import REPO, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow
@@ -39,33 +38,49 @@ def _ran(output: str) -> set[str]:
 def repo_copy(tmp_path_factory) -> Path:
     """The project's committed and new files, as a fresh git repo, tiny params."""
     dest = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True, text=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
     for stale in ("dvc.lock", "metrics"):
-        shutil.rmtree(dest / stale, ignore_errors=True) if (dest / stale).is_dir() \
-            else (dest / stale).unlink(missing_ok=True)
+        shutil.rmtree(dest / stale, ignore_errors=True) if (
+            dest / stale
+        ).is_dir() else (dest / stale).unlink(missing_ok=True)
     write_params(dest / "params.yaml", tiny_params_dict())
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm",
-                 "copy"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
         _run(cmd, dest)
     return dest
 
 
 def test_dvc_repro_end_to_end(repo_copy):
     first = _run(["dvc", "repro"], repo_copy)
-    assert _ran(first) == {"prepare@sine", "prepare@mnist", "meta_train@sine",
-                           "meta_train@mnist", "evaluate@sine", "evaluate@mnist",
-                           "report"}
+    assert _ran(first) == {
+        "prepare@sine",
+        "prepare@mnist",
+        "meta_train@sine",
+        "meta_train@mnist",
+        "evaluate@sine",
+        "evaluate@mnist",
+        "report",
+    }
     assert (repo_copy / "reports" / "report.html").is_file()
     assert (repo_copy / "reports" / "report.md").is_file()
 
     # the default store: SQLite at the repository root, one experiment each
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo_copy / 'mlflow.db'}")
+    store = f"sqlite:///{repo_copy / 'mlflow.db'}"
+    # registry_uri too: earlier in-process tests may have set a global one
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     names = {e.name for e in client.search_experiments()}
     assert {"ml3-sine", "ml3-mnist", "ml3-report"} <= names
     models = {m.name for m in client.search_registered_models()}
@@ -86,3 +101,54 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert "sine.evaluate.n_steps" in diff
     third = _run(["dvc", "repro"], repo_copy)
     assert _ran(third) == {"evaluate@sine", "report"}, third
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_ui_serves_the_store(repo_copy):
+    """`make ui` starts the MLflow UI on loopback over the repository's store."""
+    import json
+    import signal
+    import time
+    import urllib.request
+
+    if not (repo_copy / "mlflow.db").exists():
+        pytest.skip("needs the store written by test_dvc_repro_end_to_end")
+    port = _free_port()
+    venv = Path(sys.executable).parent.parent
+    server = subprocess.Popen(
+        ["make", "-s", "ui", f"PORT={port}", f"VENV={venv}"],
+        cwd=repo_copy,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow UI did not come up in 90 s"
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/", timeout=10) as r:
+            assert "<html" in r.read().decode().lower()
+        query = f"{base}/api/2.0/mlflow/registered-models/search?max_results=10"
+        with urllib.request.urlopen(query, timeout=10) as r:
+            names = {m["name"] for m in json.load(r)["registered_models"]}
+        assert names == {"ml3-sine-loss", "ml3-mnist-loss"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

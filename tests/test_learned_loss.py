@@ -67,9 +67,18 @@ def _meta_trained_sine_loss():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(1, 64, 1, generator=gen) * 4 - 2
     y = torch.sin(x - torch.pi)
-    meta_train(optimizee, learned, mse, sample_batch=lambda g: ((x, y), (x, y)),
-               n_outer_iterations=150, outer_lr=1e-3, inner_lr=1e-3, n_inner_steps=1,
-               meta_batch_size=1, generator=gen)
+    meta_train(
+        optimizee,
+        learned,
+        mse,
+        sample_batch=lambda g: ((x, y), (x, y)),
+        n_outer_iterations=150,
+        outer_lr=1e-3,
+        inner_lr=1e-3,
+        n_inner_steps=1,
+        meta_batch_size=1,
+        generator=gen,
+    )
     return learned.requires_grad_(False), x[0], y[0]
 
 
@@ -77,8 +86,9 @@ def test_learned_loss_works_as_drop_in_loss():
     """A meta-trained loss in a plain nn.Module + torch.optim loop lowers the MSE."""
     learned, x, y = _meta_trained_sine_loss()
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(),
-                          nn.Linear(8, 1))
+    model = nn.Sequential(
+        nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 1)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     before = mse(model(x), y).item()
     for _ in range(50):
@@ -92,8 +102,15 @@ def test_learned_loss_works_as_drop_in_loss():
 
 def test_saved_learned_loss_round_trips(tmp_path):
     torch.manual_seed(0)
-    loss = LearnedLoss(2, [6, 5], "elu", bias=True, init="xavier_normal",
-                       output_activation="none", prediction_transform="sigmoid")
+    loss = LearnedLoss(
+        2,
+        [6, 5],
+        "elu",
+        bias=True,
+        init="xavier_normal",
+        output_activation="none",
+        prediction_transform="sigmoid",
+    )
     artifacts.save_learned_loss(tmp_path, loss)
     loaded = artifacts.load_learned_loss(tmp_path)
     assert loaded.config == loss.config

@@ -18,8 +18,10 @@ def problem():
     torch.manual_seed(0)
     optimizee = build_mlp(1, [5], 1, "tanh").double()
     learned_loss = LearnedLoss(2, [4], "tanh", bias=True).double()
-    theta0 = {k: v.double() for k, v in
-              sample_init(optimizee, 3, torch.Generator().manual_seed(1)).items()}
+    theta0 = {
+        k: v.double()
+        for k, v in sample_init(optimizee, 3, torch.Generator().manual_seed(1)).items()
+    }
     x = torch.linspace(-2, 2, 7, dtype=torch.float64).repeat(3, 1)[..., None]
     x = x + 0.1 * torch.arange(3, dtype=torch.float64)[:, None, None]
     y = torch.sin(x)
@@ -29,8 +31,16 @@ def problem():
 def engine_meta_gradient(problem, n_steps):
     optimizee, learned_loss, theta0, x, y = problem
     learned_loss.zero_grad()
-    loss = meta_objective(optimizee, learned_loss, mse, theta0, (x, y), (x, y),
-                          inner_lr=INNER_LR, n_inner_steps=n_steps).mean()
+    loss = meta_objective(
+        optimizee,
+        learned_loss,
+        mse,
+        theta0,
+        (x, y),
+        (x, y),
+        inner_lr=INNER_LR,
+        n_inner_steps=n_steps,
+    ).mean()
     loss.backward()
     return [p.grad.clone() for p in learned_loss.parameters()]
 
@@ -60,8 +70,20 @@ def finite_difference_meta_gradient(problem, n_steps, eps=1e-6):
 
     def value():
         with torch.no_grad():
-            return meta_objective(optimizee, learned_loss, mse, theta0, (x, y), (x, y),
-                                  inner_lr=INNER_LR, n_inner_steps=n_steps).mean().item()
+            return (
+                meta_objective(
+                    optimizee,
+                    learned_loss,
+                    mse,
+                    theta0,
+                    (x, y),
+                    (x, y),
+                    inner_lr=INNER_LR,
+                    n_inner_steps=n_steps,
+                )
+                .mean()
+                .item()
+            )
 
     grads = []
     for p in learned_loss.parameters():

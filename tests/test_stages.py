@@ -34,10 +34,15 @@ def test_prepare_writes_tasks_and_splits(pipeline_run):
     root, _ = pipeline_run
     layout = Layout(root)
     sine = layout.read_prepared("sine", 1)
-    assert sine["test_x"].shape == (3, 20, 1) and sine["test_x_heldout"].shape == (3, 10, 1)
+    assert sine["test_x"].shape == (3, 20, 1) and sine["test_x_heldout"].shape == (
+        3,
+        10,
+        1,
+    )
     # y = A sin(x - p) on every test task (the task definition of ML3.md)
     want = sine["test_amplitude"][:, None, None] * np.sin(
-        sine["test_x"] - sine["test_phase"][:, None, None])
+        sine["test_x"] - sine["test_phase"][:, None, None]
+    )
     np.testing.assert_allclose(sine["test_y"], want, rtol=1e-5, atol=1e-6)
     mnist = layout.read_prepared("mnist", 0)
     assert mnist["x_train"].shape == (600, 784)
@@ -71,8 +76,9 @@ def test_evaluate_writes_long_curves_for_both_methods(pipeline_run):
     # 2 methods x 2 seeds x 3 tasks x 2 runs x 4 steps x 2 splits
     assert len(sine) == 2 * 2 * 3 * 2 * 4 * 2
     # identical initial weights for both losses: equal values at step 0
-    start = sine[sine.step == 0].pivot_table(index=["seed", "task", "run", "split"],
-                                             columns="method", values="value")
+    start = sine[sine.step == 0].pivot_table(
+        index=["seed", "task", "run", "split"], columns="method", values="value"
+    )
     np.testing.assert_allclose(start["learned"], start["mse"])
     mnist = pd.read_csv(Layout(root).results("mnist") / "curves.csv")
     assert set(mnist.metric) == {"accuracy", "cross_entropy"}
@@ -86,8 +92,12 @@ def test_report_has_tables_figures_and_self_contained_html(pipeline_run):
     assert html.count("data:image/png;base64,") == 4
     assert "http://" not in html and "https://" not in html
     md = (reports / "report.md").read_text()
-    for figure in ("sine_meta_train", "sine_meta_test", "mnist_meta_train",
-                   "mnist_meta_test"):
+    for figure in (
+        "sine_meta_train",
+        "sine_meta_test",
+        "mnist_meta_train",
+        "mnist_meta_test",
+    ):
         assert f"figures/{figure}.png" in md
         assert (reports / "figures" / f"{figure}.png").stat().st_size > 1000
     long = pd.read_csv(reports / "tables" / "final_long.csv")
@@ -98,9 +108,10 @@ def test_report_has_tables_figures_and_self_contained_html(pipeline_run):
 def test_mlflow_has_runs_params_histories_and_tags(pipeline_run, mlflow_store):
     client = mlflow.MlflowClient(tracking_uri=mlflow_store)
     exp = client.get_experiment_by_name("ml3-sine")
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string="tags.stage = 'meta_train' and "
-                                            "tags.seed = '1'")
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.stage = 'meta_train' and tags.seed = '1'",
+    )
     assert runs
     run = runs[0]
     assert run.data.params["meta_train.outer_lr"] == "0.001"
@@ -114,16 +125,22 @@ def test_mlflow_has_runs_params_histories_and_tags(pipeline_run, mlflow_store):
 
 def test_registered_loss_loads_by_name_and_version(pipeline_run, mlflow_store):
     root, _ = pipeline_run
-    loaded = tracking.load_registered_loss("ml3-sine-loss", "latest",
-                                           tracking=mlflow_store)
+    loaded = tracking.load_registered_loss(
+        "ml3-sine-loss", "latest", tracking=mlflow_store
+    )
     saved = artifacts.load_learned_loss(seed_dir(Layout(root).models("sine"), 1))
     x, y = torch.randn(5, 1), torch.randn(5, 1)
     torch.testing.assert_close(loaded(x, y), saved(x, y))
     client = mlflow.MlflowClient(tracking_uri=mlflow_store)
-    version = client.get_model_version("ml3-sine-loss",
-                                       str(max(int(v.version) for v in
-                                               client.search_model_versions(
-                                                   "name = 'ml3-sine-loss'"))))
+    version = client.get_model_version(
+        "ml3-sine-loss",
+        str(
+            max(
+                int(v.version)
+                for v in client.search_model_versions("name = 'ml3-sine-loss'")
+            )
+        ),
+    )
     assert version.tags["seed"] == "1"
     with pytest.raises(LookupError, match="no registered model named 'nope'"):
         tracking.load_registered_loss("nope", tracking=mlflow_store)

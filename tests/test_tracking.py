@@ -21,4 +21,7 @@ def test_tracking_uri_is_absolute_and_env_overrides(tmp_path, monkeypatch):
 
 def test_flatten_params():
     assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {
-        "a.b": "1", "a.c": "[1, 2]", "d": "x"}
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "x",
+    }
