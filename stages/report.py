@@ -39,6 +39,10 @@ def run(params_path: Path, root: Path) -> None:
             (out / "figures").mkdir()
             (out / "tables").mkdir()
             summary = rp.Section("Summary")
+            summary.text(
+                f"Made by the report stage at commit {tracking.git_commit(root)} "
+                "from the saved outputs of the pipeline (dvc repro)."
+            )
             sections = [summary]
             finals = []
             for name in EXPERIMENTS:
@@ -128,7 +132,9 @@ def _experiment_section(
             f"train/validation/test = {manifest['train']['n']}/"
             f"{manifest['val']['n']}/{manifest['test']['n']} images. Fresh "
             "classifiers are trained by minibatch SGD from identical weights and "
-            "data order with the learned loss and with binary cross-entropy."
+            "data order with the learned loss and with binary cross-entropy. "
+            "The pair 4/9 shares most strokes and is among the most confused "
+            "digit pairs, so neither loss reaches 100 % within the run."
         )
     table = rp.comparison_table(curves, baseline, confidence)
     artifacts.write_csv(out / "tables" / f"{name}_comparison.csv", table)

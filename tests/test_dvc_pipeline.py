@@ -103,6 +103,30 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert _ran(third) == {"evaluate@sine", "report"}, third
 
 
+def test_dvc_experiment_in_temp_copy_logs_to_repository_store(repo_copy):
+    """`dvc exp run --temp` (the queue's executor) logs to the repo's mlflow.db."""
+    if not (repo_copy / "dvc.lock").exists():
+        pytest.skip("needs the pipeline run by test_dvc_repro_end_to_end")
+    store = f"sqlite:///{repo_copy / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    sine = client.get_experiment_by_name("ml3-sine").experiment_id
+    query = "tags.stage = 'evaluate' and attributes.run_name = 'evaluate'"
+    before = len(client.search_runs([sine], filter_string=query))
+    _run(["git", "add", "-A"], repo_copy)
+    _run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"],
+        repo_copy,
+    )
+    out = _run(
+        ["dvc", "exp", "run", "--temp", "-S", "sine.evaluate.n_steps=2"], repo_copy
+    )
+    assert _ran(out) == {"evaluate@sine", "report"}, out
+    runs = client.search_runs([sine], filter_string=query)
+    assert len(runs) == before + 1
+    assert runs[0].data.params["evaluate.n_steps"] == "2"
+    assert not list((repo_copy / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
 def _free_port() -> int:
     import socket
 
