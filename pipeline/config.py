@@ -84,6 +84,9 @@ class MetaTrainParams:
     outer_lr: float = _field(gt=0.0)
     inner_lr: float = _field(gt=0.0)
     n_inner_steps: int = _field(1, ge=1)
+    n_backprop_steps: int = _field(
+        0, ge=0, doc="0: every inner step carries the graph (exact)"
+    )
     meta_batch_size: int = _field(1, ge=1)
     batch_size: int = _field(0, ge=0, doc="0 means the whole training set")
     validate_every: int = _field(25, ge=1)
@@ -300,6 +303,12 @@ def _check_ranges(params, where: str):
                     f"params.yaml: {where}.{f.name} = [{low}, {high}]: "
                     "expected [low, high] with low <= high"
                 )
+    if isinstance(params, MetaTrainParams):
+        if params.n_backprop_steps > params.n_inner_steps:
+            raise ParamsError(
+                f"params.yaml: {where}.n_backprop_steps = {params.n_backprop_steps}: "
+                f"expected 0 (all) or at most n_inner_steps = {params.n_inner_steps}"
+            )
     if isinstance(params, MnistPrepareParams):
         if params.classes[0] == params.classes[1]:
             raise ParamsError(

@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from pipeline import meta
 from pipeline.config import ExperimentParams
@@ -65,10 +64,10 @@ def build_learned_loss(exp: Experiment, params: ExperimentParams) -> LearnedLoss
 
 def _per_run(optimizee, fn, theta, x, y, x_dim=0):
     """``fn(prediction, target)`` per run; ``x_dim=None`` shares the data."""
-    return torch.vmap(
-        lambda th, xi, yi: fn(functional_call(optimizee, th, (xi,)), yi),
-        in_dims=(0, x_dim, x_dim),
-    )(theta, x, y)
+    prediction = meta.batched_forward(optimizee, theta, x)
+    if x_dim is None:
+        y = y.expand(prediction.shape[0], *y.shape)
+    return meta.per_task_loss(fn, prediction, y)
 
 
 def _long_rows(curves: dict[str, torch.Tensor], runs: pd.DataFrame) -> pd.DataFrame:

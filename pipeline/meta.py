@@ -1,21 +1,29 @@
 """The ML3 engine: differentiable inner SGD on a learned loss, outer Adam.
 
 Optimizee parameters are plain dicts of tensors with a leading task axis
-(``[T, ...]``), used through ``torch.func.functional_call``. One task's inner
-loop is written for a single task and ``torch.vmap`` runs the meta-batch at
-once. The inner gradient is ``torch.func.grad``, which keeps the graph of
-every outer tensor it touches (here the learned-loss parameters and, for
-k >= 2, the previous inner iterate), so ``backward()`` on the task loss gives
-the exact second-order meta-gradient. There is no first-order option: the
-learned loss reaches the task loss only through the inner gradient, so
-dropping the second-order term would leave its parameters with a zero
-meta-gradient.
+(``[T, ...]``): one meta-batch of T tasks is one set of batched tensors, not
+a Python loop. :func:`batched_forward` runs the optimizee on all tasks at
+once, with batched matrix products for MLPs of ``nn.Linear`` layers and
+``torch.vmap`` over ``torch.func.functional_call`` for any other module.
+Tasks are independent, so the gradient of the *sum* of per-task inner losses
+with respect to the batched parameters is every task's own gradient; taken
+with ``torch.autograd.grad(create_graph=True)`` it keeps the graph to the
+learned-loss parameters and to the previous iterate, and ``backward()`` on
+the task loss is the exact second-order meta-gradient for any number of
+unrolled steps.
+
+There is no first-order option: the learned loss reaches the task loss only
+through the inner gradient, so dropping the second-order term would leave its
+parameters with a zero meta-gradient. Truncated backpropagation (only the
+last few of the k inner steps carry the graph) is offered to bound memory;
+it changes the meta-gradient and warns when used.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,33 +66,112 @@ def sample_init(
     return params
 
 
+def _is_plain_mlp(optimizee: nn.Module) -> bool:
+    return isinstance(optimizee, nn.Sequential) and all(
+        isinstance(m, nn.Linear)
+        or not list(m.parameters(recurse=True))
+        and not list(m.buffers())
+        for m in optimizee
+    )
+
+
+def batched_forward(
+    optimizee: nn.Module, theta: Params, x: torch.Tensor
+) -> torch.Tensor:
+    """``optimizee`` applied task by task to ``x``.
+
+    Args:
+      theta: parameters with a task axis, ``[T, ...]`` per entry.
+      x: inputs ``[T, N, ...]``, or ``[N, ...]`` shared by every task.
+
+    Returns:
+      Outputs ``[T, N, ...]``.
+    """
+    n_tasks = next(iter(theta.values())).shape[0]
+    shared = x.dim() < 3 or x.shape[0] != n_tasks
+    if not _is_plain_mlp(optimizee):
+        return vmap_forward(optimizee, theta, x, shared=shared)
+    h = x.expand(n_tasks, *x.shape) if shared else x
+    for index, module in enumerate(optimizee):
+        if isinstance(module, nn.Linear):
+            weight = theta[f"{index}.weight"]  # [T, out, in]
+            bias = theta.get(f"{index}.bias")  # [T, out] or None
+            if bias is None:
+                h = torch.bmm(h, weight.transpose(1, 2))
+            else:
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        else:
+            h = module(h)
+    return h
+
+
+def vmap_forward(
+    optimizee: nn.Module, theta: Params, x: torch.Tensor, *, shared: bool = False
+) -> torch.Tensor:
+    """The general path of :func:`batched_forward`: vmap over functional_call."""
+    return torch.vmap(
+        lambda th, xi: functional_call(optimizee, th, (xi,)),
+        in_dims=(0, None if shared else 0),
+    )(theta, x)
+
+
+def per_task_loss(loss_fn: LossFn, prediction: torch.Tensor, target: torch.Tensor):
+    """``loss_fn`` of every task: ``[T, N, ...]`` inputs -> ``[T]`` losses.
+
+    A learned loss (anything with ``pointwise``) scores all rows of all tasks
+    in one call; other losses are vmapped over the task axis.
+    """
+    if hasattr(loss_fn, "pointwise"):
+        n_tasks, n_rows = prediction.shape[:2]
+        rows = loss_fn.pointwise(prediction.flatten(0, 1), target.flatten(0, 1))
+        return rows.view(n_tasks, n_rows).mean(dim=1)
+    return torch.vmap(loss_fn)(prediction, target)
+
+
 def adapt(
     optimizee: nn.Module,
-    learned_loss: nn.Module,
+    loss_fn: LossFn,
     theta: Params,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
     inner_lr: float,
     n_steps: int,
+    n_backprop_steps: int = 0,
+    create_graph: bool = True,
 ) -> Params:
-    """``n_steps`` differentiable SGD steps of one task on the learned loss.
+    """``n_steps`` SGD steps of every task on ``loss_fn`` (the inner loop).
 
     Args:
-      theta: the optimizee's parameters for one task (no task axis).
-      x, y: that task's training inputs ``[N, ...]`` and targets ``[N, ...]``.
+      theta: parameters ``[T, ...]``.
+      x, y: training inputs and targets, ``[T, N, ...]``.
+      n_backprop_steps: if > 0, only the last ``n_backprop_steps`` steps keep
+        the graph (truncated backpropagation); 0 keeps all of them.
+      create_graph: False for plain training (meta-test), no graph at all.
 
     Returns:
-      The updated parameters theta', still attached to the graph of
-      ``learned_loss``'s parameters and of ``theta``.
+      The updated parameters; with ``create_graph`` they remain attached to
+      the graph of ``loss_fn``'s parameters and of ``theta``.
     """
-
-    def inner_objective(th: Params) -> torch.Tensor:
-        return learned_loss(functional_call(optimizee, th, (x,)), y)
-
-    for _ in range(n_steps):
-        grads = torch.func.grad(inner_objective)(theta)
-        theta = {name: p - inner_lr * grads[name] for name, p in theta.items()}
+    # under an outer no_grad (validation) the graph is dropped, not the gradient
+    create_graph = create_graph and torch.is_grad_enabled()
+    first_with_graph = max(n_steps - n_backprop_steps, 0) if n_backprop_steps else 0
+    names = list(theta)
+    for step in range(n_steps):
+        with_graph = create_graph and step >= first_with_graph
+        cut = not with_graph or (step == first_with_graph and step > 0)
+        if cut or not all(theta[k].requires_grad for k in names):
+            # a fresh leaf: nothing before this step is differentiated
+            theta = {k: theta[k].detach().requires_grad_(True) for k in names}
+        with torch.enable_grad():
+            prediction = batched_forward(optimizee, theta, x)
+            loss = per_task_loss(loss_fn, prediction, y).sum()
+            grads = torch.autograd.grad(
+                loss, [theta[k] for k in names], create_graph=with_graph
+            )
+        theta = {k: theta[k] - inner_lr * g for k, g in zip(names, grads, strict=True)}
+    if not create_graph:
+        theta = {k: v.detach() for k, v in theta.items()}
     return theta
 
 
@@ -98,6 +185,7 @@ def meta_objective(
     *,
     inner_lr: float,
     n_inner_steps: int,
+    n_backprop_steps: int = 0,
 ) -> torch.Tensor:
     """Task loss after the inner loop, for every task of a meta-batch.
 
@@ -109,20 +197,17 @@ def meta_objective(
     Returns:
       ``[T]`` task losses, differentiable w.r.t. ``learned_loss``'s parameters.
     """
-
-    def one_task(theta, sx, sy, qx, qy):
-        theta = adapt(
-            optimizee,
-            learned_loss,
-            theta,
-            sx,
-            sy,
-            inner_lr=inner_lr,
-            n_steps=n_inner_steps,
-        )
-        return task_loss(functional_call(optimizee, theta, (qx,)), qy)
-
-    return torch.vmap(one_task, randomness="error")(theta0, *support, *query)
+    theta = adapt(
+        optimizee,
+        learned_loss,
+        theta0,
+        *support,
+        inner_lr=inner_lr,
+        n_steps=n_inner_steps,
+        n_backprop_steps=n_backprop_steps,
+    )
+    qx, qy = query
+    return per_task_loss(task_loss, batched_forward(optimizee, theta, qx), qy)
 
 
 @dataclass
@@ -145,6 +230,7 @@ def meta_train(
     n_inner_steps: int,
     meta_batch_size: int,
     generator: torch.Generator,
+    n_backprop_steps: int = 0,
     validate: Callable[[nn.Module], dict[str, float]] | None = None,
     validate_every: int = 25,
     progress: bool = False,
@@ -160,6 +246,13 @@ def meta_train(
     Raises:
       FloatingPointError: if the meta-loss or the meta-gradient is not finite.
     """
+    if n_backprop_steps and n_backprop_steps < n_inner_steps:
+        warnings.warn(
+            f"truncated backpropagation: only the last {n_backprop_steps} of "
+            f"{n_inner_steps} inner steps carry the graph, so the meta-gradient "
+            "is approximate",
+            stacklevel=2,
+        )
     optimizer = torch.optim.Adam(learned_loss.parameters(), lr=outer_lr)
     history, validation = [], []
 
@@ -180,9 +273,10 @@ def meta_train(
 
         # task loss before the inner step, as a reference point for the curve
         with torch.no_grad():
-            before = torch.vmap(
-                lambda th, x, y: task_loss(functional_call(optimizee, th, (x,)), y)
-            )(theta0, *query).mean()
+            qx, qy = query
+            before = per_task_loss(
+                task_loss, batched_forward(optimizee, theta0, qx), qy
+            ).mean()
 
         # outer step: the meta-gradient flows back through the inner SGD steps
         losses = meta_objective(
@@ -194,17 +288,13 @@ def meta_train(
             query,
             inner_lr=inner_lr,
             n_inner_steps=n_inner_steps,
+            n_backprop_steps=n_backprop_steps,
         )
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.sqrt(
-            sum(
-                (p.grad**2).sum()
-                for p in learned_loss.parameters()
-                if p.grad is not None
-            )
-        )
+        grads = [p.grad for p in learned_loss.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             raise FloatingPointError(
                 f"meta-training diverged at outer iteration {iteration}: task loss "
@@ -221,7 +311,8 @@ def meta_train(
                 "meta_grad_norm": grad_norm.item(),
             }
         )
-        bar.set_postfix(task_loss=f"{loss.item():.4f}")
+        if progress:
+            bar.set_postfix(task_loss=f"{loss.item():.4f}")
         if iteration % validate_every == 0 or iteration == n_outer_iterations:
             run_validation(iteration)
     return MetaTrainResult(history=history, validation=validation)
@@ -251,27 +342,23 @@ def train_optimizees(
     Returns:
       ``step`` (``[E]``) and each metric as ``[E, R]``.
     """
-
-    def objective(theta, x, y):
-        return loss_fn(functional_call(optimizee, theta, (x,)), y)
-
-    step_grad = torch.vmap(torch.func.grad(objective))
     theta = {k: v.detach() for k, v in theta0.items()}
     records: dict[str, list] = {"step": []}
 
     def record(step):
         records["step"].append(step)
-        for name, value in measure(theta).items():
-            records.setdefault(name, []).append(value.detach())
+        with torch.no_grad():
+            for name, value in measure(theta).items():
+                records.setdefault(name, []).append(value.detach())
 
-    with torch.no_grad():
-        record(0)
-        for step in range(1, n_steps + 1):
-            x, y = batch(step)
-            grads = step_grad(theta, x, y)
-            theta = {k: theta[k] - lr * grads[k] for k in theta}
-            if step % eval_every == 0 or step == n_steps:
-                record(step)
+    record(0)
+    for step in range(1, n_steps + 1):
+        x, y = batch(step)
+        theta = adapt(
+            optimizee, loss_fn, theta, x, y, inner_lr=lr, n_steps=1, create_graph=False
+        )
+        if step % eval_every == 0 or step == n_steps:
+            record(step)
     out = {"step": torch.tensor(records.pop("step"))}
     out.update({k: torch.stack(v) for k, v in records.items()})
     return out

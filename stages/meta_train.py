@@ -45,7 +45,9 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
     mp = params.meta_train
     summary = {}
 
-    with tracking.stage_run(experiment, "meta_train", section, root=root):
+    truncated = 0 < mp.n_backprop_steps < mp.n_inner_steps
+    tags = {"meta_gradient": "truncated" if truncated else "exact"}
+    with tracking.stage_run(experiment, "meta_train", section, root=root, tags=tags):
         with artifacts.atomic_dir(layout.models(experiment)) as out:
             for seed in params.seeds:
                 exp = build_experiment(
@@ -65,6 +67,7 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
                         inner_lr=mp.inner_lr,
                         n_inner_steps=mp.n_inner_steps,
                         meta_batch_size=mp.meta_batch_size,
+                        n_backprop_steps=mp.n_backprop_steps,
                         generator=runtime.generator(seed, f"{experiment}/meta_train"),
                         validate=exp.validate,
                         validate_every=mp.validate_every,

@@ -89,6 +89,10 @@ CASES = [
         ("mnist.prepare.split_fractions", [0.5, 0.2, 0.2]),
         r"expected train, validation and test fractions summing to 1",
     ),
+    (
+        ("sine.meta_train.n_backprop_steps", 2),
+        r"n_backprop_steps = 2: expected 0 \(all\) or at most n_inner_steps = 1",
+    ),
     (("sine.seeds", [0, 0]), r"sine\.seeds = \[0, 0\]: expected distinct seeds"),
     (("sine.seeds", []), r"sine\.seeds = \[\]: expected a non-empty list"),
     (("mnist.meta_train.outer_lr", None), r"missing key mnist\.meta_train\.outer_lr"),

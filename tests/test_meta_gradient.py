@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from pipeline.experiments import mse
-from pipeline.meta import meta_objective, sample_init
+from pipeline.meta import (
+    adapt,
+    batched_forward,
+    meta_objective,
+    meta_train,
+    sample_init,
+    vmap_forward,
+)
 from pipeline.nets import LearnedLoss, build_mlp
 
 INNER_LR = 0.1
@@ -124,3 +131,84 @@ def test_meta_gradient_reaches_every_learned_loss_parameter(problem):
     for name, g in zip(names, grads, strict=True):
         assert torch.isfinite(g).all(), name
         assert (g != 0).any(), f"no meta-gradient reaches {name}"
+
+
+def test_batched_mlp_forward_equals_vmapped_functional_call(problem):
+    optimizee, _, theta0, x, _ = problem
+    torch.testing.assert_close(
+        batched_forward(optimizee, theta0, x), vmap_forward(optimizee, theta0, x)
+    )
+    shared = x[0]
+    torch.testing.assert_close(
+        batched_forward(optimizee, theta0, shared),
+        vmap_forward(optimizee, theta0, shared, shared=True),
+    )
+
+
+def test_truncated_backprop_cuts_the_first_steps(problem):
+    """Only the last step carries the graph: equal to starting from the detached
+    iterate after k - 1 plain SGD steps (reference built by hand here)."""
+    optimizee, learned_loss, theta0, x, y = problem
+    learned_loss.zero_grad()
+    truncated = meta_objective(
+        optimizee,
+        learned_loss,
+        mse,
+        theta0,
+        (x, y),
+        (x, y),
+        inner_lr=INNER_LR,
+        n_inner_steps=3,
+        n_backprop_steps=1,
+    ).mean()
+    truncated.backward()
+    got = [p.grad.clone() for p in learned_loss.parameters()]
+
+    start = adapt(
+        optimizee,
+        learned_loss,
+        theta0,
+        x,
+        y,
+        inner_lr=INNER_LR,
+        n_steps=2,
+        create_graph=False,
+    )
+    learned_loss.zero_grad()
+    one_step = meta_objective(
+        optimizee,
+        learned_loss,
+        mse,
+        start,
+        (x, y),
+        (x, y),
+        inner_lr=INNER_LR,
+        n_inner_steps=1,
+    ).mean()
+    one_step.backward()
+    want = [p.grad.clone() for p in learned_loss.parameters()]
+    torch.testing.assert_close(truncated, one_step)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    full = engine_meta_gradient(problem, 3)
+    assert any(not torch.allclose(g, f) for g, f in zip(got, full, strict=True))
+
+
+def test_truncated_backprop_warns():
+    optimizee = build_mlp(1, [4], 1, "tanh")
+    learned_loss = LearnedLoss(2, [4])
+    x = torch.randn(1, 5, 1)
+    with pytest.warns(UserWarning, match="only the last 1 of 2 inner steps"):
+        meta_train(
+            optimizee,
+            learned_loss,
+            mse,
+            sample_batch=lambda g: ((x, x), (x, x)),
+            n_outer_iterations=1,
+            outer_lr=1e-3,
+            inner_lr=1e-3,
+            n_inner_steps=2,
+            meta_batch_size=1,
+            n_backprop_steps=1,
+            generator=torch.Generator().manual_seed(0),
+        )
