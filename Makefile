@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # stages run as `python -m stages.<name>`: make that the project's python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install reproduce test ui clean
+.PHONY: install reproduce test benchmark benchmark-pipeline ui clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ reproduce: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# side-by-side timings (ours vs higher, floor, memory) -> benchmarks/results.json
+benchmark: install
+	$(BIN)/python -m pytest tests/benchmarks --benchmark-enable -p no:warnings \
+	  --benchmark-json=benchmarks/results.json
+
+# full and no-op `dvc repro` of the default pipeline -> benchmarks/pipeline.json
+benchmark-pipeline: install
+	$(BIN)/python benchmarks/time_pipeline.py
 
 # no install step: the store exists only after `make reproduce`
 ui:

@@ -30,6 +30,15 @@ def configure(device: str, n_threads: int) -> torch.device:
     return resolved
 
 
+def process_seconds() -> float:
+    """Wall time since this process started, imports included."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def stream_seed(seed: int, stream: str) -> int:
     """A 63-bit seed for the named random stream of a run seed.
 

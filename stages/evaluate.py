@@ -77,10 +77,14 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
         ]
         with artifacts.atomic_dir(layout.results(experiment)) as out:
             artifacts.write_csv(out / "curves.csv", table)
-        metrics = final_metrics(table)
+        metrics = {
+            **final_metrics(table),
+            "stage_seconds": round(runtime.process_seconds(), 2),
+        }
         artifacts.write_json(layout.metrics(experiment, "evaluate"), metrics)
         tracking.log_metrics(
             {k.replace("/", "_"): v for k, v in _flat(metrics["mean"]).items()}
+            | {"stage_seconds": metrics["stage_seconds"]}
         )
         tracking.log_artifacts(layout.results(experiment) / "curves.csv")
     log.info("%s: %s", experiment, _flat(metrics["mean"]))

@@ -118,9 +118,16 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
                         experiment,
                         version,
                     )
-        metrics = {"mean": _mean(summary), **summary}
+        metrics = {
+            "mean": _mean(summary),
+            **summary,
+            "stage_seconds": round(runtime.process_seconds(), 2),
+        }
         artifacts.write_json(layout.metrics(experiment, "meta_train"), metrics)
-        tracking.log_metrics({f"mean_{k}": v for k, v in metrics["mean"].items()})
+        tracking.log_metrics(
+            {f"mean_{k}": v for k, v in metrics["mean"].items()}
+            | {"stage_seconds": metrics["stage_seconds"]}
+        )
 
 
 def _fmt(row: dict) -> str:

@@ -14,10 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import artifacts, data, tracking
+from pipeline import artifacts, data, runtime, tracking
 from pipeline.config import load_params, stage_sections
 from pipeline.layout import Layout
-from pipeline.runtime import numpy_rng
 from stages import _cli
 
 log = logging.getLogger("stages.prepare")
@@ -36,7 +35,7 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
                 manifest = {}
                 for seed in params.seeds:
                     arrays = data.prepare_sine(
-                        params.prepare, numpy_rng(seed, "sine/prepare")
+                        params.prepare, runtime.numpy_rng(seed, "sine/prepare")
                     )
                     artifacts.write_arrays(
                         tmp / Layout.prepared_name(experiment, seed), arrays
@@ -76,6 +75,12 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
                 }
             artifacts.write_json(tmp / "manifest.json", manifest)
             tracking.log_artifacts(tmp / "manifest.json")
+        seconds = runtime.process_seconds()
+        artifacts.write_json(
+            Layout(root).metrics(experiment, "prepare"),
+            {"stage_seconds": round(seconds, 2)},
+        )
+        tracking.log_metrics({"stage_seconds": seconds})
     log.info("wrote %s", out)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -16,10 +18,11 @@ from stages import evaluate, meta_train, prepare, report
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, mlflow_store):
     """All stages, both experiments, on tiny params: (root, params path)."""
-    from conftest import tiny_params_dict, write_params
+    from conftest import REPO, tiny_params_dict, write_params
 
     root = tmp_path_factory.mktemp("stages")
     params = write_params(root / "params.yaml", tiny_params_dict())
+    shutil.copytree(REPO / "benchmarks", root / "benchmarks")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
         for name in ("sine", "mnist"):
@@ -64,7 +67,7 @@ def test_meta_train_writes_losses_curves_and_metrics(pipeline_run):
             assert list(curve.iteration) == list(range(1, 7))
             assert np.isfinite(curve.task_loss).all()
         metrics = artifacts.read_json(layout.metrics(name, "meta_train"))
-        assert set(metrics) == {"mean", "seed_0", "seed_1"}
+        assert set(metrics) == {"mean", "seed_0", "seed_1", "stage_seconds"}
 
 
 def test_evaluate_writes_long_curves_for_both_methods(pipeline_run):
@@ -89,7 +92,7 @@ def test_report_has_tables_figures_and_self_contained_html(pipeline_run):
     root, _ = pipeline_run
     reports = Layout(root).reports
     html = (reports / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
     assert "http://" not in html and "https://" not in html
     md = (reports / "report.md").read_text()
     for figure in (
@@ -103,6 +106,9 @@ def test_report_has_tables_figures_and_self_contained_html(pipeline_run):
     long = pd.read_csv(reports / "tables" / "final_long.csv")
     assert {"experiment", "method", "seed", "task", "metric", "value"} <= set(long)
     assert "seeds won" in pd.read_csv(reports / "tables" / "sine_comparison.csv")
+    # the performance section reads the committed benchmark results
+    assert "## Performance" in md and "speed-up" in md
+    assert (reports / "figures" / "performance.png").stat().st_size > 1000
 
 
 def test_mlflow_has_runs_params_histories_and_tags(pipeline_run, mlflow_store):
