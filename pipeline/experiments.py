@@ -22,6 +22,10 @@ from pipeline.config import ExperimentParams
 from pipeline.nets import LearnedLoss, build_mlp
 from pipeline.runtime import generator
 
+# validation during meta-training starts from the same fixed initializations
+# every time (and for every seed), so its curve moves only with the loss
+N_VALIDATION_INITS = 16
+
 
 def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error (the regression task loss and baseline)."""
@@ -117,35 +121,27 @@ def sine_experiment(
         xy = (t["train_x"][tasks], t["train_y"][tasks])
         return xy, xy
 
-    n_val = 16
     val_gen = generator(0, "sine/validate")
-    val_theta = meta.sample_init(optimizee, n_val * n_train_tasks, val_gen, device)
-    val_tasks = torch.arange(n_train_tasks).repeat(n_val)
+    val_theta = meta.sample_init(
+        optimizee, N_VALIDATION_INITS * n_train_tasks, val_gen, device
+    )
+    val_tasks = torch.arange(n_train_tasks).repeat(N_VALIDATION_INITS)
 
     def validate(learned_loss):
         support = (t["train_x"][val_tasks], t["train_y"][val_tasks])
         heldout = (t["train_x_heldout"][val_tasks], t["train_y_heldout"][val_tasks])
         with torch.no_grad():
-            train = meta.meta_objective(
+            theta = meta.adapt(
                 optimizee,
                 learned_loss,
-                mse,
                 val_theta,
-                support,
-                support,
+                *support,
                 inner_lr=meta_p.inner_lr,
-                n_inner_steps=meta_p.n_inner_steps,
+                n_steps=meta_p.n_inner_steps,
+                create_graph=False,
             )
-            held = meta.meta_objective(
-                optimizee,
-                learned_loss,
-                mse,
-                val_theta,
-                support,
-                heldout,
-                inner_lr=meta_p.inner_lr,
-                n_inner_steps=meta_p.n_inner_steps,
-            )
+            train = _per_run(optimizee, mse, theta, *support)
+            held = _per_run(optimizee, mse, theta, *heldout)
         return {
             "val_mse_train": train.mean().item(),
             "val_mse_heldout": held.mean().item(),
@@ -265,7 +261,7 @@ def mnist_experiment(
             (t["x_train"][query], t["y_train"][query]),
         )
 
-    n_val = 16
+    n_val = N_VALIDATION_INITS
     val_theta = meta.sample_init(
         optimizee, n_val, generator(0, "mnist/validate"), device
     )

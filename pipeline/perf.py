@@ -60,7 +60,8 @@ def versus_higher(rows: pd.DataFrame) -> pd.DataFrame:
             "speed-up": (wide["higher"] / wide["ours"]).round(2),
         }
     ).reset_index()
-    return out.rename(columns={"n_tasks": "tasks", "n_inner_steps": "k"})
+    out = out.rename(columns={"n_tasks": "tasks", "n_inner_steps": "k"})
+    return out.astype({"tasks": int, "k": int})
 
 
 def floor_ratios(rows: pd.DataFrame) -> pd.DataFrame:

@@ -57,6 +57,16 @@ def _interval(mean, low, high) -> str:
     return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
 
 
+def baseline_method(curves: pd.DataFrame) -> str:
+    """The method the learned loss is compared with (the one not called learned)."""
+    others = sorted(set(curves.method) - {"learned"})
+    if len(others) != 1:
+        raise ValueError(
+            f"expected 'learned' and one baseline, got {sorted(set(curves.method))}"
+        )
+    return others[0]
+
+
 def final_rows(curves: pd.DataFrame) -> pd.DataFrame:
     """The long results table: final-step value per method, seed, task, run, metric."""
     last = curves[curves.step == curves.groupby("experiment").step.transform("max")]

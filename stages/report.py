@@ -24,7 +24,6 @@ from stages import _cli
 
 log = logging.getLogger("stages.report")
 
-BASELINES = {"sine": "mse", "mnist": "cross_entropy"}
 HEADLINE = {"sine": ("heldout", "mse"), "mnist": ("test", "accuracy")}
 
 
@@ -65,7 +64,7 @@ def run(params_path: Path, root: Path) -> None:
 
 def _headline(name: str, curves: pd.DataFrame, confidence: float) -> str:
     split, metric = HEADLINE[name]
-    baseline = BASELINES[name]
+    baseline = rp.baseline_method(curves)
     last = curves[
         (curves.step == curves.step.max())
         & (curves.split == split)
@@ -112,7 +111,7 @@ def _experiment_section(
     name: str, curves: pd.DataFrame, layout: Layout, out: Path, confidence: float
 ) -> rp.Section:
     section = rp.Section(rp.TITLES[name])
-    baseline = BASELINES[name]
+    baseline = rp.baseline_method(curves)
     if name == "sine":
         section.text(
             "One meta-train task (A = 1, p = pi), 10 unseen test tasks per seed "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import tiny_params_dict, write_params
+from tiny import tiny_params_dict, write_params
 
 from pipeline.config import (
     ParamsError,
@@ -112,7 +112,7 @@ def test_bad_params_raise_named_error(change, message):
 
 
 def test_repository_params_are_valid():
-    from conftest import REPO
+    from tiny import REPO
 
     params = load_params(REPO / "params.yaml")
     assert params.experiments["sine"].meta_train.n_outer_iterations == 500

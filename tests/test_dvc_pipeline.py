@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import REPO, tiny_params_dict, write_params
+from tiny import REPO, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow
 

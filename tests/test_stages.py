@@ -18,7 +18,7 @@ from stages import evaluate, meta_train, prepare, report
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, mlflow_store):
     """All stages, both experiments, on tiny params: (root, params path)."""
-    from conftest import REPO, tiny_params_dict, write_params
+    from tiny import REPO, tiny_params_dict, write_params
 
     root = tmp_path_factory.mktemp("stages")
     params = write_params(root / "params.yaml", tiny_params_dict())

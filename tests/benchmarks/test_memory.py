@@ -115,6 +115,6 @@ def test_memory_does_not_grow_across_outer_iterations(benchmark):
     benchmark.extra_info.update(
         live_tensors=tensors,
         rss_bytes=rss,
-        graph_bytes=graph,
+        graph_bytes_by_iteration=graph,
         rss_growth_bytes=rss[200] - rss[10],
     )
