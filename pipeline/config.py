@@ -366,15 +366,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw)
 
 
-def check_experiment_name(name: str) -> str:
-    """Returns ``name`` if it is a known experiment, else raises ParamsError."""
-    if name not in EXPERIMENTS:
-        raise ParamsError(
-            f"unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}"
-        )
-    return name
-
-
 def stage_sections(params: Params, experiment: str, *keys: str) -> dict:
     """The sections a stage reads, as plain dicts (for logging and hashing).
 
@@ -404,7 +395,6 @@ __all__ = [
     "ExperimentParams",
     "load_params",
     "parse_params",
-    "check_experiment_name",
     "as_dict",
     "EXPERIMENTS",
 ]

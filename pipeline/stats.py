@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 from scipy import stats
 
 
@@ -51,26 +50,3 @@ def paired_summary(
         "n_pairs": len(diff),
         "p_value": p_value,
     }
-
-
-def summarize(table: pd.DataFrame, *, by: list[str], confidence: float) -> pd.DataFrame:
-    """Per group of ``by``: mean over seeds of per-seed means, with interval.
-
-    ``table`` is long format with a ``seed`` and a ``value`` column; values
-    are first averaged within each seed (over tasks and runs), so the
-    interval reflects variation across seeds.
-    """
-    per_seed = table.groupby([*by, "seed"], as_index=False).value.mean()
-    rows = []
-    for key, group in per_seed.groupby(by):
-        mean, low, high = mean_ci(group.value, confidence)
-        rows.append(
-            {
-                **dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)),
-                "mean": mean,
-                "ci_low": low,
-                "ci_high": high,
-                "n_seeds": len(group),
-            }
-        )
-    return pd.DataFrame(rows)

@@ -192,11 +192,6 @@ def log_artifacts(path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
 
-def log_figure(figure, name: str) -> None:
-    """Logs a matplotlib figure as an image artifact."""
-    mlflow.log_figure(figure, name)
-
-
 def register_learned_loss(
     module, folder: str | Path, model_name: str, tags: dict | None = None
 ) -> int:

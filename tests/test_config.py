@@ -9,7 +9,6 @@ from tiny import tiny_params_dict, write_params
 
 from pipeline.config import (
     ParamsError,
-    check_experiment_name,
     load_params,
     parse_params,
 )
@@ -128,13 +127,6 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("sine: [unclosed")
     with pytest.raises(ParamsError, match="is not valid YAML"):
         load_params(tmp_path / "bad.yaml")
-
-
-def test_unknown_experiment_lists_valid_ones():
-    with pytest.raises(
-        ParamsError, match="unknown experiment 'cifar'; valid experiments: sine, mnist"
-    ):
-        check_experiment_name("cifar")
 
 
 def test_bad_params_stop_stage_and_keep_outputs(tmp_path, tracking):
