@@ -43,6 +43,14 @@ def export(rev: str | None, dest: Path) -> str:
             capture_output=True,
             text=True,
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        commit += "+dirty" if dirty else ""
     else:
         subprocess.run(
             ["git", "archive", "-o", str(dest / "tree.tar"), rev], cwd=REPO, check=True

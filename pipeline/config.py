@@ -18,11 +18,13 @@ from typing import Any
 
 import yaml
 
+from pipeline import nets
+
 EXPERIMENTS = ("sine", "mnist")
-ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "sigmoid", "softplus")
-INITS = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "default")
-OUTPUT_ACTIVATIONS = ("softplus", "none")
-PREDICTION_TRANSFORMS = ("identity", "sigmoid")
+ACTIVATIONS = tuple(nets.ACTIVATIONS)
+INITS = nets.INITS
+OUTPUT_ACTIVATIONS = nets.OUTPUT_ACTIVATIONS
+PREDICTION_TRANSFORMS = nets.PREDICTION_TRANSFORMS
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -88,7 +90,11 @@ class MetaTrainParams:
         0, ge=0, doc="0: every inner step carries the graph (exact)"
     )
     meta_batch_size: int = _field(1, ge=1)
-    batch_size: int = _field(0, ge=0, doc="0 means the whole training set")
+    batch_size: int = _field(
+        0,
+        ge=0,
+        doc="0: all points (sine) or two disjoint halves of the training split (MNIST)",
+    )
     validate_every: int = _field(25, ge=1)
 
 
@@ -192,9 +198,16 @@ def _check_scalar(value, tp, where: str, spec: dict):
         or (tp is str and isinstance(value, str))
     )
     if not ok:
+        hint = ""
+        if tp is float and isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads 1e-3 as a string: write 1.0e-3)"
+            except ValueError:
+                pass
         raise ParamsError(
             f"params.yaml: {where} = {value!r} ({type(value).__name__}): "
-            f"expected {_type_name(tp)}"
+            f"expected {_type_name(tp)}{hint}"
         )
     if tp is float:
         value = float(value)

@@ -79,6 +79,12 @@ def split_binary_mnist(
             raise ValueError(f"digit {digit} has only {len(rows)} examples")
         n_train = int(round(fractions[0] * len(rows)))
         n_val = int(round(fractions[1] * len(rows)))
+        if n_train < 1 or n_val < 1 or len(rows) - n_train - n_val < 1:
+            raise ValueError(
+                f"split fractions {list(fractions)} leave a split of digit {digit} "
+                f"empty ({len(rows)} examples: {n_train} train, {n_val} validation, "
+                f"{len(rows) - n_train - n_val} test)"
+            )
         parts["train"].append(rows[:n_train])
         parts["val"].append(rows[n_train : n_train + n_val])
         parts["test"].append(rows[n_train + n_val :])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import meta
-from pipeline.config import ExperimentParams
+from pipeline.config import ExperimentParams, ParamsError
 from pipeline.nets import LearnedLoss, build_mlp
 from pipeline.runtime import generator
 
@@ -105,7 +105,7 @@ def sine_experiment(
     data: dict[str, np.ndarray],
     device: torch.device | str = "cpu",
 ) -> Experiment:
-    """Sine regression (ML3.md item 1) on one seed's prepared tasks.
+    """Sine regression (the paper's protocol) on one seed's prepared tasks.
 
     As in the authors' protocol the inner step and the task loss use the
     same training points of a meta-train task; validation and meta-test also
@@ -116,10 +116,23 @@ def sine_experiment(
     t = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
     n_train_tasks = t["train_x"].shape[0]
 
+    n_points = t["train_x"].shape[1]
+    if meta_p.batch_size > n_points:
+        raise ParamsError(
+            f"params.yaml: sine.meta_train.batch_size = {meta_p.batch_size}: the "
+            f"meta-train tasks have {n_points} points; use 0 (all) or at most "
+            f"{n_points}"
+        )
+
     def sample_batch(gen):
         tasks = torch.randint(n_train_tasks, (meta_p.meta_batch_size,), generator=gen)
-        xy = (t["train_x"][tasks], t["train_y"][tasks])
-        return xy, xy
+        x, y = t["train_x"][tasks], t["train_y"][tasks]
+        if meta_p.batch_size:
+            # the same minibatch for the inner step and the task loss
+            rows = torch.rand(len(tasks), n_points, generator=gen).argsort(dim=1)
+            rows = rows[:, : meta_p.batch_size, None]
+            x, y = torch.take_along_dim(x, rows, 1), torch.take_along_dim(y, rows, 1)
+        return (x, y), (x, y)
 
     val_gen = generator(0, "sine/validate")
     val_theta = meta.sample_init(
@@ -228,7 +241,7 @@ def mnist_experiment(
     data: dict[str, np.ndarray],
     device: torch.device | str = "cpu",
 ) -> Experiment:
-    """Binary MNIST classification (ML3.md item 7) on the prepared splits.
+    """Binary MNIST classification (our protocol) on the prepared splits.
 
     Meta-training draws, per task of a meta-batch, a fresh classifier and two
     disjoint batches of the training split: one for the inner step on the
@@ -247,13 +260,18 @@ def mnist_experiment(
     }
     n_train = t["x_train"].shape[0]
     batch_size = meta_p.batch_size or n_train // 2
-    if 2 * batch_size > n_train:
-        raise ValueError(
-            f"mnist.meta_train.batch_size = {batch_size} needs two disjoint batches "
-            f"but the training split has {n_train} examples; use at most {n_train // 2}"
-        )
+
+    def check_batch_size():
+        # only meta-training draws these batches; evaluate never reads them
+        if 2 * batch_size > n_train:
+            raise ParamsError(
+                f"params.yaml: mnist.meta_train.batch_size = {batch_size} needs two "
+                f"disjoint batches but the training split has {n_train} examples; "
+                f"use at most {n_train // 2}"
+            )
 
     def sample_batch(gen):
+        check_batch_size()
         idx = torch.rand(meta_p.meta_batch_size, n_train, generator=gen).argsort(dim=1)
         support, query = idx[:, :batch_size], idx[:, batch_size : 2 * batch_size]
         return (
@@ -261,16 +279,24 @@ def mnist_experiment(
             (t["x_train"][query], t["y_train"][query]),
         )
 
-    n_val = N_VALIDATION_INITS
-    val_theta = meta.sample_init(
-        optimizee, n_val, generator(0, "mnist/validate"), device
-    )
-    gen = generator(0, "mnist/validate/batches")
-    idx = torch.rand(n_val, n_train, generator=gen).argsort(dim=1)[:, :batch_size]
-    val_support = (t["x_train"][idx], t["y_train"][idx])
-    val_query = (t["x_val"].expand(n_val, -1, -1), t["y_val"].expand(n_val, -1))
+    def validation_set():
+        check_batch_size()
+        n_val = N_VALIDATION_INITS
+        theta = meta.sample_init(
+            optimizee, n_val, generator(0, "mnist/validate"), device
+        )
+        gen = generator(0, "mnist/validate/batches")
+        idx = torch.rand(n_val, n_train, generator=gen).argsort(dim=1)[:, :batch_size]
+        support = (t["x_train"][idx], t["y_train"][idx])
+        query = (t["x_val"].expand(n_val, -1, -1), t["y_val"].expand(n_val, -1))
+        return theta, support, query
+
+    cache = {}
 
     def validate(learned_loss):
+        if not cache:
+            cache["set"] = validation_set()
+        val_theta, val_support, val_query = cache["set"]
         with torch.no_grad():
             losses = meta.meta_objective(
                 optimizee,

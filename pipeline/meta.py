@@ -21,7 +21,6 @@ it changes the meta-gradient and warns when used.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -31,8 +30,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
-
-log = logging.getLogger(__name__)
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -15,6 +15,9 @@ ACTIVATIONS = {
     "sigmoid": nn.Sigmoid,
     "softplus": nn.Softplus,
 }
+INITS = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "default")
+OUTPUT_ACTIVATIONS = ("softplus", "none")
+PREDICTION_TRANSFORMS = ("identity", "sigmoid")
 
 
 def _activation(name: str) -> nn.Module:
@@ -98,12 +101,12 @@ class LearnedLoss(nn.Module):
         super().__init__()
         if n_inputs < 1:
             raise ValueError(f"n_inputs must be >= 1, got {n_inputs}")
-        if output_activation not in ("softplus", "none"):
+        if output_activation not in OUTPUT_ACTIVATIONS:
             raise ValueError(
                 f"unknown output_activation {output_activation!r}; "
                 "valid: softplus, none"
             )
-        if prediction_transform not in ("identity", "sigmoid"):
+        if prediction_transform not in PREDICTION_TRANSFORMS:
             raise ValueError(
                 f"unknown prediction_transform {prediction_transform!r}; "
                 "valid: identity, sigmoid"

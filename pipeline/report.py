@@ -24,7 +24,7 @@ from pipeline.stats import mean_ci, paired_summary  # noqa: E402
 LOWER_IS_BETTER = {"mse": True, "cross_entropy": True, "accuracy": False}
 TITLES = {"sine": "Sine regression", "mnist": "Binary MNIST"}
 # final meta-test MSE on the training points, mean +- sd over 5 seeds,
-# measured with the authors' code (ML3.md, item 1)
+# measured by running the authors' public code (facebookresearch/LearningToLearn)
 AUTHORS_SINE = {"learned": (2.23, 0.51), "mse": (3.59, 0.85)}
 
 

@@ -16,7 +16,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
+        from pipeline.config import ParamsError
+
+        raise ParamsError(
+            "params.yaml: runtime.device = 'cuda' but no CUDA device is available; "
+            "use auto or cpu"
+        )
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}; valid devices: auto, cpu, cuda")
     return torch.device(name)

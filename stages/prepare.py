@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline import artifacts, data, runtime, tracking
-from pipeline.config import load_params, stage_sections
+from pipeline.config import ParamsError, load_params, stage_sections
 from pipeline.layout import Layout
 from stages import _cli
 
@@ -52,13 +52,19 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
             else:
                 x, y = data.load_mnist_digits()
                 p = params.prepare
-                arrays = data.split_binary_mnist(
-                    x,
-                    y,
-                    classes=p.classes,
-                    fractions=p.split_fractions,
-                    seed=p.split_seed,
-                )
+                try:
+                    arrays = data.split_binary_mnist(
+                        x,
+                        y,
+                        classes=p.classes,
+                        fractions=p.split_fractions,
+                        seed=p.split_seed,
+                    )
+                except ValueError as err:
+                    # the split is a params choice: report it as one (exit 2)
+                    raise ParamsError(
+                        f"params.yaml: mnist.prepare.split_fractions: {err}"
+                    ) from err
                 artifacts.write_arrays(
                     tmp / Layout.prepared_name(experiment, 0), arrays
                 )

@@ -33,7 +33,11 @@ def run(params_path: Path, root: Path) -> None:
     confidence = params.report.confidence
     layout = Layout(root)
 
-    with tracking.stage_run("report", "report", as_dict(params.report), root=root):
+    section = {"report": as_dict(params.report)} | {
+        f"{name}.prepare": as_dict(params.experiments[name].prepare)
+        for name in EXPERIMENTS
+    }
+    with tracking.stage_run("report", "report", section, root=root):
         with artifacts.atomic_dir(layout.reports) as out:
             (out / "figures").mkdir()
             (out / "tables").mkdir()
@@ -49,7 +53,14 @@ def run(params_path: Path, root: Path) -> None:
                 finals.append(rp.final_rows(curves))
                 summary.text(_headline(name, curves, confidence))
                 sections.append(
-                    _experiment_section(name, curves, layout, out, confidence)
+                    _experiment_section(
+                        name,
+                        curves,
+                        layout,
+                        out,
+                        confidence,
+                        params.experiments[name].prepare,
+                    )
                 )
             sections.append(_performance_section(root, layout, out))
             artifacts.write_csv(
@@ -108,16 +119,30 @@ def _read_seed_csvs(folder: Path, name: str) -> pd.DataFrame:
 
 
 def _experiment_section(
-    name: str, curves: pd.DataFrame, layout: Layout, out: Path, confidence: float
+    name: str,
+    curves: pd.DataFrame,
+    layout: Layout,
+    out: Path,
+    confidence: float,
+    prepare,
 ) -> rp.Section:
     section = rp.Section(rp.TITLES[name])
     baseline = rp.baseline_method(curves)
     if name == "sine":
+        p = prepare
+
+        def span(key):
+            low, high = getattr(p, key)
+            return f"{low:.3g}" if low == high else f"U[{low:.3g}, {high:.3g}]"
+
         section.text(
-            "One meta-train task (A = 1, p = pi), 10 unseen test tasks per seed "
-            "(A ~ U[0.2, 5], p ~ U[-pi, pi]). 'train' is the fit on the 100 points "
-            "the optimizee is trained on (the number the authors report); 'heldout' "
-            "is the error on 100 other points of the same task."
+            f"{p.n_train_tasks} meta-train task(s) (A = {span('train_amplitude_range')}"
+            f", p = {span('train_phase_range')}), {p.n_test_tasks} unseen test tasks "
+            f"per seed (A = {span('test_amplitude_range')}, p = "
+            f"{span('test_phase_range')}). 'train' is the fit on the {p.n_points} "
+            "points the optimizee is trained on (the number the authors report); "
+            f"'heldout' is the error on {p.n_heldout_points} other points of the "
+            "same task."
         )
         section.table(
             rp.sine_paper_table(curves),
@@ -131,9 +156,7 @@ def _experiment_section(
             f"train/validation/test = {manifest['train']['n']}/"
             f"{manifest['val']['n']}/{manifest['test']['n']} images. Fresh "
             "classifiers are trained by minibatch SGD from identical weights and "
-            "data order with the learned loss and with binary cross-entropy. "
-            "The pair 4/9 shares most strokes and is among the most confused "
-            "digit pairs, so neither loss reaches 100 % within the run."
+            "data order with the learned loss and with binary cross-entropy."
         )
     table = rp.comparison_table(curves, baseline, confidence)
     artifacts.write_csv(out / "tables" / f"{name}_comparison.csv", table)

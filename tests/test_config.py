@@ -147,3 +147,70 @@ def test_bad_params_stop_stage_and_keep_outputs(tmp_path, tracking):
     assert status == 2
     assert (out / "previous.txt").read_text() == "earlier output"
     assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+
+
+def test_float_written_as_1e_minus_3_gets_a_hint():
+    with pytest.raises(ParamsError, match=r"write 1\.0e-3"):
+        parse_params(broken(("sine.meta_train.outer_lr", "1e-3")))
+
+
+def test_cuda_without_a_device_is_a_params_error(monkeypatch):
+    import torch
+
+    from pipeline.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ParamsError, match="runtime.device = 'cuda' but no CUDA"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_batch_sizes_larger_than_the_data_are_params_errors():
+    import numpy as np
+    import torch
+
+    from pipeline import data
+    from pipeline.experiments import build_experiment
+
+    params = parse_params(broken(("sine.meta_train.batch_size", 21)))
+    arrays = data.prepare_sine(
+        params.experiments["sine"].prepare, np.random.default_rng(0)
+    )
+    with pytest.raises(
+        ParamsError,
+        match=r"sine\.meta_train\.batch_size = 21: the "
+        r"meta-train tasks have 20 points",
+    ):
+        build_experiment("sine", params.experiments["sine"], arrays)
+
+    params = parse_params(broken(("mnist.meta_train.batch_size", 301)))
+    split = {
+        f"{k}_{s}": np.zeros((n, 784) if k == "x" else n, np.float32)
+        for s, n in (("train", 600), ("val", 200), ("test", 200))
+        for k in ("x", "y")
+    }
+    exp = build_experiment("mnist", params.experiments["mnist"], split)
+    # evaluate does not draw meta-train batches, so it is not affected
+    assert len(exp.meta_test(torch.nn.MSELoss(), 0)) > 0
+    with pytest.raises(
+        ParamsError,
+        match=r"batch_size = 301 needs two disjoint "
+        r"batches .* use at most 300",
+    ):
+        exp.sample_batch(torch.Generator().manual_seed(0))
+
+
+def test_split_that_empties_a_split_stops_prepare(tmp_path, tracking):
+    from stages import prepare
+
+    path = write_params(
+        tmp_path / "params.yaml",
+        broken(("mnist.prepare.split_fractions", [0.5, 0.5, 1e-7])),
+    )
+    status = prepare._cli.main(
+        prepare.run,
+        prepare.__doc__,
+        ["mnist", "--params", str(path), "--root", str(tmp_path)],
+    )
+    assert status == 2
+    assert not (tmp_path / "data" / "mnist").exists()

@@ -42,7 +42,7 @@ def test_prepare_writes_tasks_and_splits(pipeline_run):
         10,
         1,
     )
-    # y = A sin(x - p) on every test task (the task definition of ML3.md)
+    # y = A sin(x - p) on every test task (the task definition of the paper)
     want = sine["test_amplitude"][:, None, None] * np.sin(
         sine["test_x"] - sine["test_phase"][:, None, None]
     )

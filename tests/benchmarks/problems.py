@@ -38,7 +38,7 @@ class Problem:
 
 
 def sine_problem(n_tasks: int, n_inner_steps: int, seed: int = 0) -> Problem:
-    """The sine protocol of ML3.md item 1 with ``n_tasks`` tasks per meta-batch."""
+    """The paper's sine protocol with ``n_tasks`` tasks per meta-batch."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     optimizee = build_mlp(1, [100, 10], 1, "relu")
