@@ -81,6 +81,29 @@ def checkpoint_steps(curves: pd.DataFrame) -> list[int]:
     return sorted({int(early), int(final)})
 
 
+def compare(group: pd.DataFrame, metric: str, baseline: str, confidence: float):
+    """Learned vs baseline on one step, split and metric of the long table.
+
+    Returns the per-seed means (methods as columns) and the paired summaries
+    (:func:`paired_summary`) over seeds and over single task instances.
+    """
+    lower = LOWER_IS_BETTER[metric]
+    per_seed = group.groupby(["method", "seed"]).value.mean().unstack("method")
+    per_instance = group.pivot_table(
+        index=["seed", "task", "run"], columns="method", values="value"
+    )
+    seeds, instances = (
+        paired_summary(
+            table["learned"],
+            table[baseline],
+            lower_is_better=lower,
+            confidence=confidence,
+        )
+        for table in (per_seed, per_instance)
+    )
+    return per_seed, seeds, instances
+
+
 def comparison_table(
     curves: pd.DataFrame, baseline: str, confidence: float
 ) -> pd.DataFrame:
@@ -96,23 +119,7 @@ def comparison_table(
     for step in checkpoint_steps(curves):
         at = shown[shown.step == step]
         for (split, metric), group in at.groupby(["split", "metric"]):
-            lower = LOWER_IS_BETTER[metric]
-            per_seed = group.groupby(["method", "seed"]).value.mean().unstack("method")
-            per_instance = group.pivot_table(
-                index=["seed", "task", "run"], columns="method", values="value"
-            )
-            seeds = paired_summary(
-                per_seed["learned"],
-                per_seed[baseline],
-                lower_is_better=lower,
-                confidence=confidence,
-            )
-            inst = paired_summary(
-                per_instance["learned"],
-                per_instance[baseline],
-                lower_is_better=lower,
-                confidence=confidence,
-            )
+            per_seed, seeds, inst = compare(group, metric, baseline, confidence)
             rows.append(
                 {
                     "step": step,

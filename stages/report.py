@@ -19,7 +19,6 @@ from pipeline import artifacts, perf, tracking
 from pipeline import report as rp
 from pipeline.config import EXPERIMENTS, as_dict, load_params
 from pipeline.layout import Layout
-from pipeline.stats import paired_summary
 from stages import _cli
 
 log = logging.getLogger("stages.report")
@@ -81,24 +80,8 @@ def _headline(name: str, curves: pd.DataFrame, confidence: float) -> str:
         & (curves.split == split)
         & (curves.metric == metric)
     ]
-    per_seed = last.groupby(["method", "seed"]).value.mean().unstack("method")
-    per_inst = last.pivot_table(
-        index=["seed", "task", "run"], columns="method", values="value"
-    )
-    lower = rp.LOWER_IS_BETTER[metric]
-    seeds = paired_summary(
-        per_seed["learned"],
-        per_seed[baseline],
-        lower_is_better=lower,
-        confidence=confidence,
-    )
-    inst = paired_summary(
-        per_inst["learned"],
-        per_inst[baseline],
-        lower_is_better=lower,
-        confidence=confidence,
-    )
-    word = "lower" if lower else "higher"
+    per_seed, seeds, inst = rp.compare(last, metric, baseline, confidence)
+    word = "lower" if rp.LOWER_IS_BETTER[metric] else "higher"
     return (
         f"{rp.TITLES[name]}: final {split} {metric} after {int(curves.step.max())} "
         f"meta-test steps, learned loss {per_seed['learned'].mean():.4g} vs "
