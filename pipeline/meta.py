@@ -312,7 +312,46 @@ def meta_train(
             bar.set_postfix(task_loss=f"{loss.item():.4f}")
         if iteration % validate_every == 0 or iteration == n_outer_iterations:
             run_validation(iteration)
+    check_not_collapsed(
+        learned_loss, batched_forward(optimizee, theta0, support[0]), support[1]
+    )
     return MetaTrainResult(history=history, validation=validation)
+
+
+class LearnedLossCollapsed(RuntimeError):
+    """The learned loss no longer depends on the prediction: it cannot train."""
+
+
+def check_not_collapsed(
+    learned_loss: nn.Module,
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    tol: float = 1e-7,
+) -> float:
+    """Raises :class:`LearnedLossCollapsed` if the loss has no gradient to give.
+
+    A learned loss that is constant in the prediction (for example a Softplus
+    output stuck at a constant, or a dead ReLU layer) passes a zero gradient
+    to every optimizee, so training with it changes nothing. Checked on a
+    meta-train batch: ``prediction`` and ``target`` ``[T, N, ...]``.
+
+    Returns:
+      The largest gradient magnitude w.r.t. the prediction, per row.
+    """
+    with torch.enable_grad():
+        prediction = prediction.detach().requires_grad_(True)
+        values = per_task_loss(learned_loss, prediction, target).sum()
+        (grad,) = torch.autograd.grad(values, prediction)
+    # per-task losses are means over N rows: undo that to judge each row
+    largest = (grad.abs() * prediction.shape[1]).max().item()
+    if not largest > tol:
+        raise LearnedLossCollapsed(
+            f"learned loss collapsed: its gradient w.r.t. the prediction is at most "
+            f"{largest:.3g} on a meta-train batch (tolerance {tol:g}), so it would "
+            "not train anything; not saving it. Try a lower outer_lr, "
+            "output_activation: none, or another learned_loss init"
+        )
+    return largest
 
 
 def train_optimizees(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import EXPERIMENTS, ParamsError
+from pipeline.meta import LearnedLossCollapsed
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -25,7 +26,8 @@ def main(
 ) -> int:
     """Parses ``[experiment] [--params P] [--root R]`` and calls ``run``.
 
-    Returns the exit status: 0, or 2 for bad params (message, no traceback).
+    Returns the exit status: 0; 2 for bad params; 3 for a collapsed learned
+    loss (a message, no traceback, in both cases).
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     if per_experiment:
@@ -58,4 +60,8 @@ def main(
     except ParamsError as err:
         logging.getLogger("stages").error("%s", err)
         return 2
+    except LearnedLossCollapsed as err:
+        # the stage's MLflow run is already marked FAILED and nothing was saved
+        logging.getLogger("stages").error("%s", err)
+        return 3
     return 0

@@ -7,8 +7,10 @@ import torch
 
 from pipeline.experiments import mse
 from pipeline.meta import (
+    LearnedLossCollapsed,
     adapt,
     batched_forward,
+    check_not_collapsed,
     meta_objective,
     meta_train,
     sample_init,
@@ -210,5 +212,39 @@ def test_truncated_backprop_warns():
             n_inner_steps=2,
             meta_batch_size=1,
             n_backprop_steps=1,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+
+def _collapsed_loss():
+    """A learned loss with a zero output layer: constant softplus(0)."""
+    loss = LearnedLoss(2, [4])
+    torch.nn.init.zeros_(loss.net[-1].weight)
+    return loss
+
+
+def test_collapse_check_flags_a_constant_loss_and_passes_a_live_one():
+    prediction, target = torch.randn(2, 5, 1), torch.randn(2, 5, 1)
+    with pytest.raises(LearnedLossCollapsed, match="gradient w.r.t. the prediction"):
+        check_not_collapsed(_collapsed_loss(), prediction, target)
+    torch.manual_seed(0)
+    assert check_not_collapsed(LearnedLoss(2, [4]), prediction, target) > 1e-3
+
+
+def test_meta_train_stops_on_a_collapsed_loss():
+    optimizee = build_mlp(1, [4], 1, "tanh")
+    x = torch.randn(1, 5, 1)
+    with pytest.raises(LearnedLossCollapsed):
+        # a learning rate too small to move the zero layer off zero
+        meta_train(
+            optimizee,
+            _collapsed_loss(),
+            mse,
+            sample_batch=lambda g: ((x, x), (x, x)),
+            n_outer_iterations=2,
+            outer_lr=1e-15,
+            inner_lr=1e-3,
+            n_inner_steps=1,
+            meta_batch_size=1,
             generator=torch.Generator().manual_seed(0),
         )

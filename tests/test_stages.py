@@ -150,3 +150,40 @@ def test_registered_loss_loads_by_name_and_version(pipeline_run, mlflow_store):
     assert version.tags["seed"] == "1"
     with pytest.raises(LookupError, match="no registered model named 'nope'"):
         tracking.load_registered_loss("nope", tracking=mlflow_store)
+
+
+def test_collapsed_loss_fails_the_run_and_is_not_registered(tmp_path, monkeypatch):
+    """Stage exit 3, MLflow run FAILED, no model version, no models/ folder."""
+    from tiny import tiny_params_dict, write_params
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    params = tiny_params_dict()
+    params["sine"]["meta_train"]["outer_lr"] = 1e-15
+    path = write_params(tmp_path / "params.yaml", params)
+    prepare.run("sine", path, tmp_path)
+
+    monkeypatch.setattr(meta_train, "build_learned_loss", _zeroed_builder())
+    status = meta_train._cli.main(
+        meta_train.run,
+        meta_train.__doc__,
+        ["sine", "--params", str(path), "--root", str(tmp_path)],
+    )
+    assert status == 3
+    assert not Layout(tmp_path).models("sine").exists()
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    exp = client.get_experiment_by_name("ml3-sine")
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'meta_train'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not client.search_registered_models()
+
+
+def _zeroed_builder():
+    from pipeline.experiments import build_learned_loss
+
+    def build(exp, p):
+        loss = build_learned_loss(exp, p)
+        torch.nn.init.zeros_(loss.net[-1].weight)
+        return loss
+
+    return build
