@@ -23,45 +23,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def git(*args: str) -> str:
+    """Output of a git command run in the repository."""
+    return subprocess.run(
+        ["git", *args], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def export(rev: str | None, dest: Path) -> str:
     """Copies ``rev`` (None: the working tree's tracked and new files) to ``dest``."""
+    tar = str(dest / "tree.tar")
     if rev is None:
-        files = subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard"],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        subprocess.run(
-            ["tar", "-cf", str(dest / "tree.tar"), *files], cwd=REPO, check=True
+        files = git("ls-files", "-co", "--exclude-standard").split()
+        subprocess.run(["tar", "-cf", tar, *files], cwd=REPO, check=True)
+        commit = git("rev-parse", "HEAD") + (
+            "+dirty" if git("status", "--porcelain") else ""
         )
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        commit += "+dirty" if dirty else ""
     else:
-        subprocess.run(
-            ["git", "archive", "-o", str(dest / "tree.tar"), rev], cwd=REPO, check=True
-        )
-        commit = subprocess.run(
-            ["git", "rev-parse", rev],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        git("archive", "-o", tar, rev)
+        commit = git("rev-parse", rev)
     subprocess.run(["tar", "-xf", "tree.tar"], cwd=dest, check=True)
     (dest / "tree.tar").unlink()
     for stale in ("dvc.lock",):

@@ -89,7 +89,7 @@ def mnist_problem(n_tasks: int, n_inner_steps: int, seed: int = 0) -> Problem:
     )
 
 
-def ours_meta_loss(p: Problem) -> torch.Tensor:
+def ours_meta_loss(p: Problem, n_backprop_steps: int = 0) -> torch.Tensor:
     """The engine's meta-loss for ``p`` (mean task loss after the inner loop)."""
     return meta_objective(
         p.optimizee,
@@ -100,6 +100,7 @@ def ours_meta_loss(p: Problem) -> torch.Tensor:
         p.query,
         inner_lr=p.inner_lr,
         n_inner_steps=p.n_inner_steps,
+        n_backprop_steps=n_backprop_steps,
     ).mean()
 
 

@@ -15,9 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from problems import sine_problem
-
-from pipeline.meta import meta_objective
+from problems import ours_meta_loss, sine_problem
 
 STEPS = [1, 2, 4, 8, 16, 32]
 
@@ -31,17 +29,7 @@ def graph_bytes(problem, n_backprop_steps: int = 0) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = meta_objective(
-            problem.optimizee,
-            problem.learned_loss,
-            problem.task_loss,
-            problem.theta0,
-            problem.support,
-            problem.query,
-            inner_lr=problem.inner_lr,
-            n_inner_steps=problem.n_inner_steps,
-            n_backprop_steps=n_backprop_steps,
-        ).mean()
+        loss = ours_meta_loss(problem, n_backprop_steps)
     gc.collect()
     storages = {}
     for ref in saved:
@@ -87,16 +75,7 @@ def test_memory_does_not_grow_across_outer_iterations(benchmark):
     def iterate(n):
         for i in range(1, n + 1):
             optimizer.zero_grad()
-            loss = meta_objective(
-                problem.optimizee,
-                problem.learned_loss,
-                problem.task_loss,
-                problem.theta0,
-                problem.support,
-                problem.query,
-                inner_lr=problem.inner_lr,
-                n_inner_steps=1,
-            ).mean()
+            loss = ours_meta_loss(problem)
             loss.backward()
             optimizer.step()
             del loss
