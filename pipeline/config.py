@@ -20,7 +20,11 @@ import yaml
 
 from pipeline import nets
 
-EXPERIMENTS = ("sine", "mnist")
+EXPERIMENTS = ("sine", "mnist", "frequency", "mountain_car")
+# experiments whose task loss may use information withheld from the learned
+# loss; each meta-trains one learned loss per variant and seed
+SHAPING_EXPERIMENTS = ("frequency", "mountain_car")
+VARIANTS = ("shaped", "unshaped")
 ACTIVATIONS = tuple(nets.ACTIVATIONS)
 INITS = nets.INITS
 OUTPUT_ACTIVATIONS = nets.OUTPUT_ACTIVATIONS
@@ -135,15 +139,94 @@ class MnistPrepareParams:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FrequencyPrepareParams:
+    """Sine-frequency tasks y = sin(omega x) for the one-parameter optimizee."""
+
+    omega_range: list[float] = _field(length=2, doc="meta-train frequencies")
+    x_range: list[float] = _field(length=2)
+    n_points: int = _field(gt=0, doc="points per meta-train task")
+    n_eval_points: int = _field(gt=0, doc="points of every meta-test task")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrequencyOptimizeeParams:
+    """The optimizee y = sin(theta x): one parameter and its start value."""
+
+    initial_theta: float = _field(0.1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrequencyEvaluateParams:
+    """Meta-test of the frequency losses: landscapes and convergence."""
+
+    targets: list[float] = _field(doc="unseen target frequencies")
+    initial_thetas: list[float] = _field(doc="start values of theta")
+    n_steps: int = _field(gt=0)
+    lr: float = _field(gt=0.0)
+    landscape_range: list[float] = _field(length=2)
+    landscape_points: int = _field(ge=3)
+    tolerance: float = _field(gt=0.0, doc="|theta - omega| counted as reached")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountainCarPrepareParams:
+    """The differentiable mountain car task and its extra information."""
+
+    start_state: list[float] = _field(length=2, doc="(position, velocity)")
+    test_start_positions: list[float] = _field(
+        ge=-1.2, le=0.5, doc="other starts (at rest) tried at meta-test"
+    )
+    horizon: int = _field(gt=0)
+    goal: list[float] = _field(length=2)
+    intermediate_goal: list[float] = _field(length=2, doc="used by the shaped loss")
+    n_intermediate_steps: int = _field(ge=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyParams:
+    """A linear policy factored through one hidden width (no bias)."""
+
+    hidden_size: int = _field(gt=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShapingMetaTrainParams:
+    """Outer loop for the shaping experiments.
+
+    Every task starts from the initial optimizee and takes
+    ``unrolls_per_task`` one-step unrolls in sequence; after each, phi takes
+    an Adam step on the task loss of the new iterate, and the next unroll
+    starts from that iterate (detached).
+    """
+
+    n_outer_iterations: int = _field(gt=0)
+    outer_lr: float = _field(gt=0.0)
+    inner_lr: float = _field(gt=0.0)
+    tasks_per_iteration: int = _field(1, ge=1)
+    unrolls_per_task: int = _field(1, ge=1)
+    validate_every: int = _field(25, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountainCarEvaluateParams:
+    """Meta-test: a few SGD steps of the initial policy on each loss."""
+
+    n_steps: int = _field(gt=0)
+    lr: float = _field(gt=0.0)
+    success_position: float = _field(0.5, le=0.5)
+    animation_fps: int = _field(10, gt=0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentParams:
     """One pipeline experiment: its seeds and one section per stage."""
 
     seeds: list[int]
     prepare: Any
-    optimizee: MLPParams
+    optimizee: Any
     learned_loss: LearnedLossParams
-    meta_train: MetaTrainParams
-    evaluate: EvaluateParams
+    meta_train: Any
+    evaluate: Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,15 +245,34 @@ class Params:
     report: ReportParams
 
 
-PREPARE_SCHEMAS = {"sine": SinePrepareParams, "mnist": MnistPrepareParams}
-EXPERIMENT_SECTIONS = {
-    "seeds": None,
-    "prepare": None,
-    "optimizee": MLPParams,
-    "learned_loss": LearnedLossParams,
-    "meta_train": MetaTrainParams,
-    "evaluate": EvaluateParams,
+def _schema(prepare, optimizee, meta_train, evaluate) -> dict:
+    return {
+        "prepare": prepare,
+        "optimizee": optimizee,
+        "learned_loss": LearnedLossParams,
+        "meta_train": meta_train,
+        "evaluate": evaluate,
+    }
+
+
+# the sections of every experiment, in params.yaml order, with their schemas
+SCHEMAS = {
+    "sine": _schema(SinePrepareParams, MLPParams, MetaTrainParams, EvaluateParams),
+    "mnist": _schema(MnistPrepareParams, MLPParams, MetaTrainParams, EvaluateParams),
+    "frequency": _schema(
+        FrequencyPrepareParams,
+        FrequencyOptimizeeParams,
+        ShapingMetaTrainParams,
+        FrequencyEvaluateParams,
+    ),
+    "mountain_car": _schema(
+        MountainCarPrepareParams,
+        PolicyParams,
+        ShapingMetaTrainParams,
+        MountainCarEvaluateParams,
+    ),
 }
+EXPERIMENT_SECTIONS = ("seeds", *SCHEMAS["sine"])
 
 
 def _type_name(tp) -> str:
@@ -322,6 +424,13 @@ def _check_ranges(params, where: str):
                 f"params.yaml: {where}.n_backprop_steps = {params.n_backprop_steps}: "
                 f"expected 0 (all) or at most n_inner_steps = {params.n_inner_steps}"
             )
+    if isinstance(params, MountainCarPrepareParams):
+        if params.n_intermediate_steps > params.horizon:
+            raise ParamsError(
+                f"params.yaml: {where}.n_intermediate_steps = "
+                f"{params.n_intermediate_steps}: expected at most horizon = "
+                f"{params.horizon}"
+            )
     if isinstance(params, MnistPrepareParams):
         if params.classes[0] == params.classes[1]:
             raise ParamsError(
@@ -345,11 +454,9 @@ def parse_experiment(name: str, raw) -> ExperimentParams:
         )
     sections = {
         key: parse_section(cls, raw[key], f"{name}.{key}")
-        for key, cls in EXPERIMENT_SECTIONS.items()
-        if cls is not None
+        for key, cls in SCHEMAS[name].items()
     }
-    prepare = parse_section(PREPARE_SCHEMAS[name], raw["prepare"], f"{name}.prepare")
-    return ExperimentParams(seeds=seeds, prepare=prepare, **sections)
+    return ExperimentParams(seeds=seeds, **sections)
 
 
 def parse_params(raw) -> Params:

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline import meta
 from pipeline.config import ExperimentParams, ParamsError
-from pipeline.nets import LearnedLoss, build_mlp
+from pipeline.nets import LearnedLoss, build_mlp, learned_loss_for
 from pipeline.runtime import generator
 
 # validation during meta-training starts from the same fixed initializations
@@ -54,16 +54,7 @@ class Experiment:
 
 def build_learned_loss(exp: Experiment, params: ExperimentParams) -> LearnedLoss:
     """A fresh learned loss for ``exp`` with the architecture in ``params``."""
-    p = params.learned_loss
-    return LearnedLoss(
-        exp.n_loss_inputs,
-        p.hidden_sizes,
-        p.activation,
-        bias=p.bias,
-        init=p.init,
-        output_activation=p.output_activation,
-        prediction_transform=p.prediction_transform,
-    )
+    return learned_loss_for(params.learned_loss, exp.n_loss_inputs)
 
 
 def _per_run(optimizee, fn, theta, x, y, x_dim=0):

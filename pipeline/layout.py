@@ -21,8 +21,12 @@ class Layout:
 
     @staticmethod
     def prepared_name(experiment: str, seed: int) -> str:
-        """File name of the prepared arrays for ``seed`` (MNIST shares one split)."""
-        return f"seed_{seed}.npz" if experiment == "sine" else "splits.npz"
+        """File name of the prepared arrays for ``seed``.
+
+        MNIST shares one split and the mountain car one task across seeds.
+        """
+        shared = {"mnist": "splits.npz", "mountain_car": "task.npz"}
+        return shared.get(experiment, f"seed_{seed}.npz")
 
     def read_prepared(self, experiment: str, seed: int) -> dict:
         """The prepared arrays a later stage needs for ``seed``."""

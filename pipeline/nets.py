@@ -158,6 +158,23 @@ class LearnedLoss(nn.Module):
         return self.pointwise(prediction, *others).mean()
 
 
+def learned_loss_for(p, n_inputs: int) -> LearnedLoss:
+    """A fresh learned loss over ``n_inputs`` columns, shaped by params ``p``.
+
+    ``p`` is a ``learned_loss`` section of ``params.yaml``
+    (:class:`pipeline.config.LearnedLossParams`).
+    """
+    return LearnedLoss(
+        n_inputs,
+        p.hidden_sizes,
+        p.activation,
+        bias=p.bias,
+        init=p.init,
+        output_activation=p.output_activation,
+        prediction_transform=p.prediction_transform,
+    )
+
+
 def learned_loss_from_config(config: dict) -> LearnedLoss:
     """Rebuilds a :class:`LearnedLoss` from its ``config`` attribute."""
     allowed = {

@@ -22,7 +22,12 @@ import pandas as pd  # noqa: E402
 from pipeline.stats import mean_ci, paired_summary  # noqa: E402
 
 LOWER_IS_BETTER = {"mse": True, "cross_entropy": True, "accuracy": False}
-TITLES = {"sine": "Sine regression", "mnist": "Binary MNIST"}
+TITLES = {
+    "sine": "Sine regression",
+    "mnist": "Binary MNIST",
+    "frequency": "Shaped sine frequency",
+    "mountain_car": "Mountain car with an intermediate goal",
+}
 # final meta-test MSE on the training points, mean +- sd over 5 seeds,
 # measured by running the authors' public code (facebookresearch/LearningToLearn)
 AUTHORS_SINE = {"learned": (2.23, 0.51), "mse": (3.59, 0.85)}
@@ -157,8 +162,8 @@ def plot_meta_train(
     smooth["task_loss_before"] = smooth.groupby("seed").task_loss_before.transform(
         lambda s: s.rolling(10, min_periods=1).mean()
     )
-    _band(axes[0], smooth, "iteration", "task_loss", "after inner loop", confidence)
-    _band(
+    band(axes[0], smooth, "iteration", "task_loss", "after inner loop", confidence)
+    band(
         axes[0],
         smooth,
         "iteration",
@@ -168,7 +173,7 @@ def plot_meta_train(
     )
     axes[0].set(title="meta-train task loss (10-iter. mean)", xlabel="outer iteration")
     for ax, metric in zip(axes[1:], metrics, strict=True):
-        _band(ax, validation, "iteration", metric, metric, confidence)
+        band(ax, validation, "iteration", metric, metric, confidence)
         ax.set(title=f"validation: {metric}", xlabel="outer iteration")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -193,7 +198,7 @@ def plot_meta_test(
         sel = curves[(curves.metric == metric) & (curves.split == split)]
         per_seed = sel.groupby(["method", "seed", "step"], as_index=False).value.mean()
         for method, group in per_seed.groupby("method"):
-            _band(ax, group, "step", "value", method, confidence)
+            band(ax, group, "step", "value", method, confidence)
         ax.set(title=f"{split}: {metric}", xlabel="meta-test SGD step")
         if metric in ("mse", "cross_entropy"):
             ax.set_yscale("log")
@@ -207,7 +212,7 @@ def plot_meta_test(
     return path
 
 
-def _band(ax, frame: pd.DataFrame, x: str, y: str, label: str, confidence: float):
+def band(ax, frame: pd.DataFrame, x: str, y: str, label: str, confidence: float):
     rows = [(key, *mean_ci(group[y], confidence)) for key, group in frame.groupby(x)]
     stats = pd.DataFrame(rows, columns=[x, "mean", "low", "high"])
     (line,) = ax.plot(stats[x], stats["mean"], label=label)
@@ -288,9 +293,10 @@ def render_html(title: str, sections: list[Section]) -> str:
             else:
                 path, caption = content
                 data = base64.b64encode(Path(path).read_bytes()).decode()
+                mime = "image/gif" if Path(path).suffix == ".gif" else "image/png"
                 parts.append(
                     f"<figure><img alt='{html.escape(caption)}' "
-                    f"src='data:image/png;base64,{data}'>"
+                    f"src='data:{mime};base64,{data}'>"
                     f"<figcaption class='cap'>{html.escape(caption)}"
                     "</figcaption></figure>"
                 )

@@ -113,6 +113,18 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def flatten_metrics(nested: dict, prefix: str = "") -> dict[str, float]:
+    """``{"a": {"b": 1.0}}`` -> ``{"a_b": 1.0}``: metric names MLflow accepts."""
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}".replace("/", "_")
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{name}_"))
+        else:
+            flat[name] = float(value)
+    return flat
+
+
 @contextlib.contextmanager
 def stage_run(
     experiment: str,

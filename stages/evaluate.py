@@ -7,6 +7,12 @@ the unseen tasks twice, once with the frozen learned loss and once with the
 baseline loss, from identical initial weights and data order. Writes
 ``results/<experiment>/curves.csv`` (one row per method, seed, task, run,
 step, split and metric) and ``metrics/<experiment>_evaluate.json``.
+
+For the shaping experiments (``frequency``, ``mountain_car``) the shaped and
+the unshaped learned loss and a baseline (MSE; the direct distance-to-goal
+objective) are meta-tested from the same starts: ``frequency`` writes
+``landscape.csv``, ``minima.csv`` and ``convergence.csv``; ``mountain_car``
+writes ``trajectories.csv``, ``outcomes.csv`` and ``animation.gif``.
 """
 
 from __future__ import annotations
@@ -18,8 +24,13 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline import artifacts, runtime, tracking
-from pipeline.config import load_params, stage_sections
+from pipeline import artifacts, frequency, mountain_car, runtime, tracking
+from pipeline.config import (
+    SHAPING_EXPERIMENTS,
+    VARIANTS,
+    load_params,
+    stage_sections,
+)
 from pipeline.experiments import build_experiment
 from pipeline.layout import Layout, seed_dir
 from stages import _cli
@@ -36,6 +47,10 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
     section = stage_sections(
         all_params, experiment, "runtime", "seeds", "optimizee", "evaluate"
     )
+    if experiment in SHAPING_EXPERIMENTS:
+        with tracking.stage_run(experiment, "evaluate", section, root=root):
+            _run_shaping(experiment, params, layout)
+        return
     frames = []
 
     with tracking.stage_run(experiment, "evaluate", section, root=root):
@@ -83,11 +98,83 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
         }
         artifacts.write_json(layout.metrics(experiment, "evaluate"), metrics)
         tracking.log_metrics(
-            {k.replace("/", "_"): v for k, v in _flat(metrics["mean"]).items()}
+            tracking.flatten_metrics(metrics["mean"])
             | {"stage_seconds": metrics["stage_seconds"]}
         )
         tracking.log_artifacts(layout.results(experiment) / "curves.csv")
-    log.info("%s: %s", experiment, _flat(metrics["mean"]))
+    log.info("%s: %s", experiment, tracking.flatten_metrics(metrics["mean"]))
+
+
+def _run_shaping(experiment: str, params, layout: Layout) -> None:
+    """Meta-test of the shaped and unshaped losses of the shaping experiments."""
+    tables: dict[str, list] = {}
+    for seed in params.seeds:
+        data = layout.read_prepared(experiment, seed)
+        models = seed_dir(layout.models(experiment), seed)
+        learned = {v: artifacts.load_learned_loss(models / v) for v in VARIANTS}
+        with tracking.seed_run("evaluate", seed):
+            if experiment == "frequency":
+                losses = {v: loss.pointwise for v, loss in learned.items()}
+                losses["mse"] = frequency.mse_pointwise
+                seed_tables = frequency.evaluate(params, data, losses, seed)
+                seed_metrics = frequency.summary(seed_tables, params.evaluate.tolerance)
+            else:
+                losses = {
+                    v: (
+                        lambda th, task, starts, loss=loss: (
+                            mountain_car.learned_objective(loss, th, task, starts)
+                        )
+                    )
+                    for v, loss in learned.items()
+                }
+                losses["distance"] = mountain_car.distance_objective
+                trajectories = mountain_car.evaluate(
+                    params, data, losses, mountain_car.seed_policy(params, seed), seed
+                )
+                seed_tables = {
+                    "trajectories": trajectories,
+                    "outcomes": mountain_car.outcomes(
+                        trajectories, params.evaluate.success_position
+                    ),
+                }
+                seed_metrics = mountain_car.summary(
+                    seed_tables["outcomes"], float(data["start_states"][0, 0])
+                )
+            tracking.log_metrics(tracking.flatten_metrics(seed_metrics))
+        for name, frame in seed_tables.items():
+            tables.setdefault(name, []).append(frame)
+    joined = {
+        name: pd.concat(frames, ignore_index=True) for name, frames in tables.items()
+    }
+    with artifacts.atomic_dir(layout.results(experiment)) as out:
+        for name, frame in joined.items():
+            artifacts.write_csv(out / f"{name}.csv", frame)
+        if experiment == "frequency":
+            metrics = {"mean": frequency.summary(joined, params.evaluate.tolerance)}
+        else:
+            start = float(layout.read_prepared(experiment, 0)["start_states"][0, 0])
+            metrics = {"mean": mountain_car.summary(joined["outcomes"], start)}
+            traj = joined["trajectories"]
+            shown = traj[
+                (traj.seed == params.seeds[0])
+                & (traj.start_position == traj.start_position.iloc[0])
+                & (traj.test_step == params.evaluate.n_steps)
+            ]
+            mountain_car.animate(
+                shown,
+                out / "animation.gif",
+                params.evaluate.animation_fps,
+                f"after {params.evaluate.n_steps} meta-test steps "
+                f"(seed {params.seeds[0]})",
+            )
+    metrics["stage_seconds"] = round(runtime.process_seconds(), 2)
+    artifacts.write_json(layout.metrics(experiment, "evaluate"), metrics)
+    tracking.log_metrics(
+        tracking.flatten_metrics(metrics["mean"])
+        | {"stage_seconds": metrics["stage_seconds"]}
+    )
+    tracking.log_artifacts(layout.results(experiment))
+    log.info("%s: %s", experiment, tracking.flatten_metrics(metrics["mean"]))
 
 
 def _log_seed(curves: pd.DataFrame) -> None:
@@ -115,16 +202,6 @@ def final_metrics(table: pd.DataFrame) -> dict:
             f"{split}_{metric}"
         ] = float(value)
     return out
-
-
-def _flat(nested: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 if __name__ == "__main__":

@@ -18,17 +18,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import artifacts, meta, runtime, tracking
-from pipeline.config import load_params, stage_sections
+from pipeline import artifacts, frequency, meta, mountain_car, runtime, tracking
+from pipeline.config import (
+    SHAPING_EXPERIMENTS,
+    VARIANTS,
+    load_params,
+    stage_sections,
+)
 from pipeline.experiments import build_experiment, build_learned_loss
 from pipeline.layout import Layout, seed_dir
+from pipeline.nets import learned_loss_for
 from stages import _cli
 
 log = logging.getLogger("stages.meta_train")
 
 
 def run(experiment: str, params_path: Path, root: Path) -> None:
-    """Meta-trains and saves a learned loss for every seed."""
+    """Meta-trains and saves a learned loss for every seed (and variant)."""
     all_params = load_params(params_path)
     params = all_params.experiments[experiment]
     device = runtime.configure(all_params.runtime.device, all_params.runtime.n_threads)
@@ -43,81 +49,37 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
         "meta_train",
     )
     mp = params.meta_train
+    shaping = experiment in SHAPING_EXPERIMENTS
+    variants = VARIANTS if shaping else (None,)
     summary = {}
 
-    truncated = 0 < mp.n_backprop_steps < mp.n_inner_steps
-    tags = {"meta_gradient": "truncated" if truncated else "exact"}
+    if shaping:
+        tags = {"meta_gradient": "exact"}
+    else:
+        truncated = 0 < mp.n_backprop_steps < mp.n_inner_steps
+        tags = {"meta_gradient": "truncated" if truncated else "exact"}
     with tracking.stage_run(experiment, "meta_train", section, root=root, tags=tags):
         with artifacts.atomic_dir(layout.models(experiment)) as out:
             for seed in params.seeds:
-                exp = build_experiment(
-                    experiment, params, layout.read_prepared(experiment, seed), device
-                )
-                torch.manual_seed(runtime.stream_seed(seed, "learned_loss/init"))
-                learned_loss = build_learned_loss(exp, params).to(device)
-                with tracking.seed_run("meta_train", seed):
-                    start = time.perf_counter()
-                    result = meta.meta_train(
-                        exp.optimizee,
-                        learned_loss,
-                        exp.task_loss,
-                        sample_batch=exp.sample_batch,
-                        n_outer_iterations=mp.n_outer_iterations,
-                        outer_lr=mp.outer_lr,
-                        inner_lr=mp.inner_lr,
-                        n_inner_steps=mp.n_inner_steps,
-                        meta_batch_size=mp.meta_batch_size,
-                        n_backprop_steps=mp.n_backprop_steps,
-                        generator=runtime.generator(seed, f"{experiment}/meta_train"),
-                        validate=exp.validate,
-                        validate_every=mp.validate_every,
-                        progress=_cli.show_progress(),
-                        device=device,
-                    )
-                    seconds = time.perf_counter() - start
+                data = layout.read_prepared(experiment, seed)
+                for variant in variants:
                     folder = seed_dir(out, seed)
-                    artifacts.save_learned_loss(folder, learned_loss)
-                    artifacts.write_csv(
-                        folder / "meta_curve.csv", pd.DataFrame(result.history)
-                    )
-                    artifacts.write_csv(
-                        folder / "validation.csv", pd.DataFrame(result.validation)
-                    )
-
-                    first, last = result.validation[0], result.validation[-1]
-                    seed_summary = {
-                        "seconds": round(seconds, 3),
-                        "final_task_loss": result.history[-1]["task_loss"],
-                        **{
-                            f"{k}_start": v
-                            for k, v in first.items()
-                            if k != "iteration"
-                        },
-                        **{f"{k}_end": v for k, v in last.items() if k != "iteration"},
-                    }
-                    summary[f"seed_{seed}"] = seed_summary
-                    tracking.log_history(result.history, step_key="iteration")
-                    tracking.log_history(result.validation, step_key="iteration")
-                    tracking.log_metrics({"seconds": seconds})
-                    tracking.log_artifacts(folder / "meta_curve.csv")
-                    tracking.log_artifacts(folder / "validation.csv")
-                    version = tracking.register_learned_loss(
-                        learned_loss.cpu(),
-                        folder,
-                        f"ml3-{experiment}-loss",
-                        tags={"seed": seed, "experiment": experiment},
-                    )
-                    log.info(
-                        "%s seed %d: %.1f s, validation %s -> %s, registered "
-                        "ml3-%s-loss version %d",
-                        experiment,
-                        seed,
-                        seconds,
-                        _fmt(first),
-                        _fmt(last),
-                        experiment,
-                        version,
-                    )
+                    model_name = f"ml3-{experiment}-loss"
+                    stage = "meta_train"
+                    if variant is not None:
+                        folder, stage = folder / variant, f"meta_train/{variant}"
+                        model_name = f"ml3-{experiment}-{variant}-loss"
+                    with tracking.seed_run(
+                        stage, seed, tags={"variant": variant} if variant else None
+                    ):
+                        start = time.perf_counter()
+                        learned_loss, result = _meta_train(
+                            experiment, params, data, seed, variant, device
+                        )
+                        seconds = time.perf_counter() - start
+                        summary[_unit(seed, variant)] = _save_and_log(
+                            learned_loss, result, folder, seconds, model_name, seed
+                        )
         metrics = {
             "mean": _mean(summary),
             **summary,
@@ -125,18 +87,111 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
         }
         artifacts.write_json(layout.metrics(experiment, "meta_train"), metrics)
         tracking.log_metrics(
-            {f"mean_{k}": v for k, v in metrics["mean"].items()}
+            tracking.flatten_metrics(metrics["mean"], "mean_")
             | {"stage_seconds": metrics["stage_seconds"]}
         )
+
+
+def _meta_train(experiment, params, data, seed, variant, device):
+    """One learned loss, meta-trained: ``(learned_loss, MetaTrainResult)``."""
+    mp = params.meta_train
+    gen = runtime.generator(seed, f"{experiment}/meta_train")
+    progress = _cli.show_progress()
+    torch.manual_seed(runtime.stream_seed(seed, "learned_loss/init"))
+    if variant is None:
+        exp = build_experiment(experiment, params, data, device)
+        learned_loss = build_learned_loss(exp, params).to(device)
+        result = meta.meta_train(
+            exp.optimizee,
+            learned_loss,
+            exp.task_loss,
+            sample_batch=exp.sample_batch,
+            n_outer_iterations=mp.n_outer_iterations,
+            outer_lr=mp.outer_lr,
+            inner_lr=mp.inner_lr,
+            n_inner_steps=mp.n_inner_steps,
+            meta_batch_size=mp.meta_batch_size,
+            n_backprop_steps=mp.n_backprop_steps,
+            generator=gen,
+            validate=exp.validate,
+            validate_every=mp.validate_every,
+            progress=progress,
+            device=device,
+        )
+        return learned_loss, result
+    # the shaping experiments are a handful of scalars per step: CPU only
+    if experiment == "frequency":
+        learned_loss = learned_loss_for(params.learned_loss, frequency.N_INPUTS)
+        result = frequency.meta_train(
+            learned_loss, params, data, variant, gen, progress
+        )
+    else:
+        learned_loss = learned_loss_for(params.learned_loss, mountain_car.N_INPUTS)
+        result = mountain_car.meta_train(
+            learned_loss,
+            params,
+            data,
+            variant,
+            mountain_car.seed_policy(params, seed),
+            progress,
+        )
+    return learned_loss, result
+
+
+def _save_and_log(learned_loss, result, folder, seconds, model_name, seed) -> dict:
+    """Saves one learned loss and its curves, logs and registers it."""
+    artifacts.save_learned_loss(folder, learned_loss)
+    artifacts.write_csv(folder / "meta_curve.csv", pd.DataFrame(result.history))
+    artifacts.write_csv(folder / "validation.csv", pd.DataFrame(result.validation))
+    first, last = result.validation[0], result.validation[-1]
+    seed_summary = {
+        "seconds": round(seconds, 3),
+        "final_task_loss": result.history[-1]["task_loss"],
+        **{f"{k}_start": v for k, v in first.items() if k != "iteration"},
+        **{f"{k}_end": v for k, v in last.items() if k != "iteration"},
+    }
+    tracking.log_history(result.history, step_key="iteration")
+    tracking.log_history(result.validation, step_key="iteration")
+    tracking.log_metrics({"seconds": seconds})
+    tracking.log_artifacts(folder / "meta_curve.csv")
+    tracking.log_artifacts(folder / "validation.csv")
+    version = tracking.register_learned_loss(
+        learned_loss.cpu(),
+        folder,
+        model_name,
+        tags={"seed": seed, "experiment": model_name.split("-")[1]},
+    )
+    log.info(
+        "%s seed %d: %.1f s, validation %s -> %s, registered version %d",
+        model_name,
+        seed,
+        seconds,
+        _fmt(first),
+        _fmt(last),
+        version,
+    )
+    return seed_summary
+
+
+def _unit(seed: int, variant: str | None) -> str:
+    return f"seed_{seed}" if variant is None else f"seed_{seed}/{variant}"
 
 
 def _fmt(row: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "iteration")
 
 
-def _mean(per_seed: dict) -> dict:
-    frame = pd.DataFrame(per_seed).T
-    return {k: float(v) for k, v in frame.mean().items()}
+def _mean(per_unit: dict) -> dict:
+    """Mean over seeds; per variant for the shaping experiments."""
+    groups: dict = {}
+    for unit, values in per_unit.items():
+        variant = unit.partition("/")[2]
+        groups.setdefault(variant, []).append(values)
+    means = {
+        variant: {k: float(v) for k, v in pd.DataFrame(rows).mean().items()}
+        for variant, rows in groups.items()
+    }
+    return means.get("", means)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Reads ``params.yaml`` sections ``<experiment>.seeds`` and
 ``<experiment>.prepare``. Writes ``data/<experiment>/``: for ``sine`` one
 ``seed_<s>.npz`` per seed (meta-train task and unseen test tasks, each with
 training and held-out points); for ``mnist`` one ``splits.npz`` (train,
-validation, test of the chosen digit pair). A ``manifest.json`` describes
-the arrays.
+validation, test of the chosen digit pair); for ``frequency`` one
+``seed_<s>.npz`` per seed (meta-test points and the ranges meta-training
+samples tasks from); for ``mountain_car`` one ``task.npz`` (start states,
+goal, intermediate goal, horizon). A ``manifest.json`` describes the arrays.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import artifacts, data, runtime, tracking
+from pipeline import artifacts, data, frequency, mountain_car, runtime, tracking
 from pipeline.config import ParamsError, load_params, stage_sections
 from pipeline.layout import Layout
 from stages import _cli
@@ -31,7 +33,26 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
 
     with tracking.stage_run(experiment, "prepare", section, root=root):
         with artifacts.atomic_dir(out) as tmp:
-            if experiment == "sine":
+            if experiment == "frequency":
+                manifest = {}
+                for seed in params.seeds:
+                    arrays = frequency.prepare(
+                        params, runtime.numpy_rng(seed, "frequency/prepare")
+                    )
+                    artifacts.write_arrays(
+                        tmp / Layout.prepared_name(experiment, seed), arrays
+                    )
+                    manifest[f"seed_{seed}"] = {
+                        k: v.tolist() if v.size < 3 else list(v.shape)
+                        for k, v in arrays.items()
+                    }
+            elif experiment == "mountain_car":
+                arrays = mountain_car.prepare(params)
+                artifacts.write_arrays(
+                    tmp / Layout.prepared_name(experiment, 0), arrays
+                )
+                manifest = {k: v.tolist() for k, v in arrays.items()}
+            elif experiment == "sine":
                 manifest = {}
                 for seed in params.seeds:
                     arrays = data.prepare_sine(

@@ -10,14 +10,17 @@ table and the display tables). Logged to MLflow experiment ``ml3-report``.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline import artifacts, perf, tracking
 from pipeline import report as rp
-from pipeline.config import EXPERIMENTS, as_dict, load_params
+from pipeline import report_shaping as rs
+from pipeline.config import EXPERIMENTS, SHAPING_EXPERIMENTS, as_dict, load_params
 from pipeline.layout import Layout
 from stages import _cli
 
@@ -32,10 +35,18 @@ def run(params_path: Path, root: Path) -> None:
     confidence = params.report.confidence
     layout = Layout(root)
 
-    section = {"report": as_dict(params.report)} | {
-        f"{name}.prepare": as_dict(params.experiments[name].prepare)
-        for name in EXPERIMENTS
-    }
+    section = (
+        {"report": as_dict(params.report)}
+        | {
+            f"{name}.prepare": as_dict(params.experiments[name].prepare)
+            for name in EXPERIMENTS
+        }
+        | {
+            f"{name}.{key}": as_dict(getattr(params.experiments[name], key))
+            for name in SHAPING_EXPERIMENTS
+            for key in ("seeds", "optimizee", "evaluate")
+        }
+    )
     with tracking.stage_run("report", "report", section, root=root):
         with artifacts.atomic_dir(layout.reports) as out:
             (out / "figures").mkdir()
@@ -48,6 +59,13 @@ def run(params_path: Path, root: Path) -> None:
             sections = [summary]
             finals = []
             for name in EXPERIMENTS:
+                if name in SHAPING_EXPERIMENTS:
+                    headline, section_ = _shaping_section(
+                        name, params.experiments[name], layout, out, confidence
+                    )
+                    summary.text(headline)
+                    sections.append(section_)
+                    continue
                 curves = pd.read_csv(layout.results(name) / "curves.csv")
                 finals.append(rp.final_rows(curves))
                 summary.text(_headline(name, curves, confidence))
@@ -93,12 +111,174 @@ def _headline(name: str, curves: pd.DataFrame, confidence: float) -> str:
     )
 
 
-def _read_seed_csvs(folder: Path, name: str) -> pd.DataFrame:
-    frames = [
-        pd.read_csv(path).assign(seed=int(path.parent.name.split("_")[1]))
-        for path in sorted(folder.glob(f"seed_*/{name}"))
-    ]
+def _read_seed_csvs(folder: Path, name: str, variants: bool = False) -> pd.DataFrame:
+    """``seed_*/<name>`` (or ``seed_*/<variant>/<name>``) joined, with labels."""
+    pattern = f"seed_*/*/{name}" if variants else f"seed_*/{name}"
+    frames = []
+    for path in sorted(folder.glob(pattern)):
+        seed_folder = path.parent.parent if variants else path.parent
+        frame = pd.read_csv(path).assign(seed=int(seed_folder.name.split("_")[1]))
+        if variants:
+            frame["variant"] = path.parent.name
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def _shaping_section(name, params, layout, out, confidence):
+    """The report section of a shaping experiment and its summary sentence."""
+    section = rp.Section(rp.TITLES[name])
+    results = layout.results(name)
+    models = layout.models(name)
+    ep = params.evaluate
+    fig = rs.plot_meta_train(
+        _read_seed_csvs(models, "meta_curve.csv", variants=True),
+        _read_seed_csvs(models, "validation.csv", variants=True),
+        out / "figures" / f"{name}_meta_train.png",
+        f"{rp.TITLES[name]}: meta-training",
+        confidence,
+    )
+    n_seeds = len(params.seeds)
+    if name == "frequency":
+        minima = pd.read_csv(results / "minima.csv")
+        convergence = pd.read_csv(results / "convergence.csv")
+        landscape = pd.read_csv(results / "landscape.csv")
+        section.text(
+            "The optimizee y = sin(theta x) has one parameter, starting at "
+            f"{params.optimizee.initial_theta:g}. Both learned losses see "
+            "(prediction, target, x); 'shaped' was meta-trained with the task "
+            "loss (theta' - omega)^2, which uses the true frequency, 'unshaped' "
+            "with the MSE of the outputs; 'mse' is the plain MSE loss. At "
+            "meta-test no loss knows omega. "
+            f"{n_seeds} seeds, each with its own pair of learned losses. Test "
+            f"targets {ep.targets}; meta-training draws fresh frequencies from "
+            f"U{list(params.prepare.omega_range)} and never these exact values."
+        )
+        section.figure(fig, "Meta-training curves (mean over seeds, band: interval)")
+        table = rs.minima_table(minima, confidence)
+        artifacts.write_csv(out / "tables" / f"{name}_minima.csv", table)
+        section.table(
+            table,
+            f"Interior local minima over theta in {ep.landscape_range} "
+            f"({ep.landscape_points} grid points), mean [{confidence:.0%} interval] "
+            "over seeds; the authors' code: shaped 1, unshaped and MSE 10 "
+            "(target 0.5)",
+        )
+        seed0 = params.seeds[0]
+        fig = rs.plot_landscapes(
+            landscape, seed0, out / "figures" / f"{name}_landscapes.png"
+        )
+        section.figure(fig, f"Loss landscapes (seed {seed0}; each scaled to [0, 1])")
+        table = rs.convergence_table(convergence, ep.tolerance, confidence)
+        artifacts.write_csv(out / "tables" / f"{name}_convergence.csv", table)
+        section.table(
+            table,
+            f"theta after {ep.n_steps} SGD steps at lr {ep.lr:g}: mean "
+            f"[{confidence:.0%} interval] over seeds, and seeds within "
+            f"{ep.tolerance:g} of the target",
+        )
+        extremes = [min(ep.initial_thetas), max(ep.initial_thetas)]
+        fig = rs.plot_convergence(
+            convergence, extremes, out / "figures" / f"{name}_convergence.png"
+        )
+        section.figure(fig, "theta over meta-test steps from the extreme starts")
+        headline = _frequency_headline(minima, convergence, ep, extremes)
+    else:
+        outcomes = pd.read_csv(results / "outcomes.csv")
+        trajectories = pd.read_csv(results / "trajectories.csv")
+        p = params.prepare
+        start = p.start_state[0]
+        section.text(
+            f"Differentiable mountain car, horizon {p.horizon}, linear policy "
+            f"2-{params.optimizee.hidden_size}-1 from a fixed initial policy per "
+            f"seed ({n_seeds} seeds), start ({p.start_state[0]:g}, "
+            f"{p.start_state[1]:g}), goal ({p.goal[0]:g}, {p.goal[1]:g}). Both "
+            "learned losses see (position, velocity, action, distance to the "
+            "goal); 'shaped' was meta-trained with the first "
+            f"{p.n_intermediate_steps} states scored against the intermediate "
+            f"goal ({p.intermediate_goal[0]:g}, {p.intermediate_goal[1]:g}), "
+            "'unshaped' with all states against the goal; 'distance' descends "
+            "the mean distance to the goal directly. Success: the car reaches "
+            f"p = {ep.success_position:g} during the rollout."
+        )
+        section.figure(fig, "Meta-training curves (mean over seeds, band: interval)")
+        table = rs.outcome_table(outcomes, start, confidence)
+        artifacts.write_csv(out / "tables" / f"{name}_outcomes.csv", table)
+        section.table(
+            table,
+            f"From the meta-train start: final position, mean [{confidence:.0%} "
+            "interval] over seeds, and seeds that reached the flag; the "
+            "authors' code: the shaped loss reaches the flag after 1-2 steps, "
+            "the unshaped one ends near p = -0.29",
+        )
+        table = rs.seed_table(outcomes, start)
+        artifacts.write_csv(out / "tables" / f"{name}_seeds.csv", table)
+        section.table(
+            table,
+            "Every seed from the meta-train start: final position (* reached "
+            "the flag) and share of time steps with a clipped action",
+        )
+        fig = rs.plot_trajectories(
+            trajectories,
+            start,
+            ep.n_steps,
+            out / "figures" / f"{name}_trajectories.png",
+        )
+        section.figure(fig, "Trajectories after the last meta-test step")
+        gif = out / "figures" / f"{name}.gif"
+        shutil.copyfile(results / "animation.gif", gif)
+        section.figure(
+            gif,
+            f"Animation: the cars of seed {params.seeds[0]} after "
+            f"{ep.n_steps} meta-test steps",
+        )
+        table = rs.start_table(outcomes, ep.n_steps)
+        artifacts.write_csv(out / "tables" / f"{name}_starts.csv", table)
+        section.table(
+            table,
+            f"Other start states (at rest) after {ep.n_steps} meta-test steps, "
+            "from the same initial policy; the losses were meta-trained from "
+            f"p = {start:g} only",
+        )
+        headline = _mountain_car_headline(outcomes, start, ep.n_steps)
+    return f"{rp.TITLES[name]}: {headline}", section
+
+
+def _frequency_headline(minima, convergence, ep, extremes) -> str:
+    first = ep.targets[0]
+    counts = minima[minima.target == first].groupby("method").n_local_minima
+    last = convergence[
+        (convergence.step == convergence.step.max()) & convergence.theta0.isin(extremes)
+    ]
+    reached = ((last.theta - last.target).abs() <= ep.tolerance).groupby(last.method)
+    parts = ", ".join(
+        f"{m} {counts.mean()[m]:.1f}" for m in rs.METHOD_ORDER if m in counts.mean()
+    )
+    runs = ", ".join(
+        f"{m} {int(reached.sum()[m])}/{int(reached.count()[m])}"
+        for m in rs.METHOD_ORDER
+        if m in reached.sum()
+    )
+    return (
+        f"local minima over theta for target {first:g} (mean over seeds): {parts}; "
+        f"runs from theta0 = {extremes} that end within {ep.tolerance:g} of the "
+        f"target after {ep.n_steps} steps: {runs}."
+    )
+
+
+def _mountain_car_headline(outcomes, start, n_steps) -> str:
+    at = outcomes[np.isclose(outcomes.start_position, start)]
+    parts = []
+    for step in range(1, n_steps + 1):
+        group = at[at.test_step == step]
+        parts.append(
+            f"after {step} meta-test step(s) "
+            + ", ".join(
+                f"{m} {int(g.success.sum())}/{len(g)} seeds reach the flag "
+                f"(final p {g.final_position.mean():.2f})"
+                for m, g in group.groupby("method")
+            )
+        )
+    return "; ".join(parts) + "."
 
 
 def _experiment_section(
@@ -191,10 +371,11 @@ def _performance_section(root: Path, layout: Layout, out: Path) -> rp.Section:
             layout.metrics(name, "meta_train")
         ).items():
             if key.startswith("seed_"):
+                seed, _, variant = key[5:].partition("/")
                 seed_rows.append(
                     {
-                        "experiment": name,
-                        "seed": int(key[5:]),
+                        "experiment": f"{name} {variant}".strip(),
+                        "seed": int(seed),
                         "meta-train seconds": round(values["seconds"], 1),
                     }
                 )

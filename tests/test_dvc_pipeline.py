@@ -16,6 +16,15 @@ from tiny import REPO, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow
 
+REGISTERED = (
+    "ml3-sine-loss",
+    "ml3-mnist-loss",
+    "ml3-frequency-shaped-loss",
+    "ml3-frequency-unshaped-loss",
+    "ml3-mountain_car-shaped-loss",
+    "ml3-mountain_car-unshaped-loss",
+)
+
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -66,14 +75,10 @@ def repo_copy(tmp_path_factory) -> Path:
 def test_dvc_repro_end_to_end(repo_copy):
     first = _run(["dvc", "repro"], repo_copy)
     assert _ran(first) == {
-        "prepare@sine",
-        "prepare@mnist",
-        "meta_train@sine",
-        "meta_train@mnist",
-        "evaluate@sine",
-        "evaluate@mnist",
-        "report",
-    }
+        f"{stage}@{name}"
+        for stage in ("prepare", "meta_train", "evaluate")
+        for name in ("sine", "mnist", "frequency", "mountain_car")
+    } | {"report"}
     assert (repo_copy / "reports" / "report.html").is_file()
     assert (repo_copy / "reports" / "report.md").is_file()
 
@@ -82,9 +87,19 @@ def test_dvc_repro_end_to_end(repo_copy):
     # registry_uri too: earlier in-process tests may have set a global one
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     names = {e.name for e in client.search_experiments()}
-    assert {"ml3-sine", "ml3-mnist", "ml3-report"} <= names
+    assert {
+        "ml3-sine",
+        "ml3-mnist",
+        "ml3-frequency",
+        "ml3-mountain_car",
+        "ml3-report",
+    } <= names
     models = {m.name for m in client.search_registered_models()}
-    assert models == {"ml3-sine-loss", "ml3-mnist-loss"}
+    assert models == set(REGISTERED)
+    report = (repo_copy / "reports" / "report.md").read_text()
+    for heading in ("Shaped sine frequency", "Mountain car with an intermediate"):
+        assert f"## {heading}" in report
+    assert "figures/mountain_car.gif" in report
 
     metrics = _run(["dvc", "metrics", "show", "--json"], repo_copy)
     assert "final_task_loss" in metrics and "heldout_mse" in metrics
@@ -101,6 +116,17 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert "sine.evaluate.n_steps" in diff
     third = _run(["dvc", "repro"], repo_copy)
     assert _ran(third) == {"evaluate@sine", "report"}, third
+
+    # one shaping experiment's code changed: only its own stages rerun
+    code = repo_copy / "pipeline" / "mountain_car.py"
+    code.write_text(code.read_text() + "\n# edited\n")
+    fourth = _run(["dvc", "repro"], repo_copy)
+    assert _ran(fourth) == {
+        "prepare@mountain_car",
+        "meta_train@mountain_car",
+        "evaluate@mountain_car",
+        "report",
+    }, fourth
 
 
 def test_dvc_experiment_in_temp_copy_logs_to_repository_store(repo_copy):
@@ -172,7 +198,7 @@ def test_make_ui_serves_the_store(repo_copy):
         query = f"{base}/api/2.0/mlflow/registered-models/search?max_results=10"
         with urllib.request.urlopen(query, timeout=10) as r:
             names = {m["name"] for m in json.load(r)["registered_models"]}
-        assert names == {"ml3-sine-loss", "ml3-mnist-loss"}
+        assert names == set(REGISTERED)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -25,7 +25,7 @@ def pipeline_run(tmp_path_factory, mlflow_store):
     shutil.copytree(REPO / "benchmarks", root / "benchmarks")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        for name in ("sine", "mnist"):
+        for name in ("sine", "mnist", "frequency", "mountain_car"):
             prepare.run(name, params, root)
             meta_train.run(name, params, root)
             evaluate.run(name, params, root)
@@ -92,7 +92,8 @@ def test_report_has_tables_figures_and_self_contained_html(pipeline_run):
     root, _ = pipeline_run
     reports = Layout(root).reports
     html = (reports / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 10
+    assert html.count("data:image/gif;base64,") == 1
     assert "http://" not in html and "https://" not in html
     md = (reports / "report.md").read_text()
     for figure in (
@@ -187,3 +188,87 @@ def _zeroed_builder():
         return loss
 
     return build
+
+
+def test_shaping_experiments_write_both_variants_and_their_tables(pipeline_run):
+    root, _ = pipeline_run
+    layout = Layout(root)
+    for name in ("frequency", "mountain_car"):
+        for seed in (0, 1):
+            for variant in ("shaped", "unshaped"):
+                folder = seed_dir(layout.models(name), seed) / variant
+                loss = artifacts.load_learned_loss(folder)
+                assert loss.config["n_inputs"] == (3 if name == "frequency" else 4)
+                curve = pd.read_csv(folder / "meta_curve.csv")
+                assert list(curve.iteration) == [1, 2, 3, 4]
+        metrics = artifacts.read_json(layout.metrics(name, "meta_train"))
+        assert set(metrics["mean"]) == {"shaped", "unshaped"}
+    results = layout.results("frequency")
+    minima = pd.read_csv(results / "minima.csv")
+    assert set(minima.method) == {"shaped", "unshaped", "mse"}
+    # 3 methods x 2 seeds x 2 targets
+    assert len(minima) == 12 and (minima.n_local_minima >= 0).all()
+    conv = pd.read_csv(results / "convergence.csv")
+    start = conv[conv.step == 0]
+    assert set(start.theta) == {-4.0, 4.0}  # every loss starts from the same theta
+    assert sorted(conv.step.unique()) == [0, 1, 2, 3]
+    land = pd.read_csv(results / "landscape.csv")
+    assert len(land) == 3 * 2 * 2 * 101 and np.isfinite(land.value).all()
+
+    results = layout.results("mountain_car")
+    outcomes = pd.read_csv(results / "outcomes.csv")
+    assert set(outcomes.method) == {"shaped", "unshaped", "distance"}
+    assert sorted(outcomes.start_position.unique()) == [-0.55, -0.4]
+    assert sorted(outcomes.test_step.unique()) == [0, 1, 2]
+    # before any meta-test step every method rolls out the same policy
+    first = outcomes[outcomes.test_step == 0].groupby(["seed", "start_position"])
+    assert (first.final_position.nunique() == 1).all()
+    gif = (results / "animation.gif").read_bytes()
+    assert gif[:6] in (b"GIF87a", b"GIF89a")
+    from PIL import Image
+
+    with Image.open(results / "animation.gif") as image:
+        # one frame per time step (13); Pillow merges frames that look alike
+        assert image.is_animated and 8 <= image.n_frames <= 13
+    metrics = artifacts.read_json(layout.metrics("mountain_car", "evaluate"))
+    assert "from_train_start_success_step_2" in metrics["mean"]["shaped"]
+
+
+def test_shaping_losses_are_registered_per_variant(pipeline_run, mlflow_store):
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store)
+    names = {m.name for m in client.search_registered_models()}
+    assert {
+        "ml3-frequency-shaped-loss",
+        "ml3-frequency-unshaped-loss",
+        "ml3-mountain_car-shaped-loss",
+        "ml3-mountain_car-unshaped-loss",
+    } <= names
+    exp = client.get_experiment_by_name("ml3-mountain_car")
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string="tags.variant = 'shaped'"
+    )
+    assert len(runs) == 2  # one nested meta-train run per seed
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} >= {
+        "learned_loss_weights",
+        "meta_curve.csv",
+    }
+
+
+def test_mountain_car_meta_test_repeats_the_final_validation(pipeline_run):
+    """From the meta-train start, one meta-test step = meta-training's check."""
+    root, _ = pipeline_run
+    layout = Layout(root)
+    outcomes = pd.read_csv(layout.results("mountain_car") / "outcomes.csv")
+    for seed in (0, 1):
+        for variant in ("shaped", "unshaped"):
+            folder = seed_dir(layout.models("mountain_car"), seed) / variant
+            last = pd.read_csv(folder / "validation.csv").iloc[-1]
+            row = outcomes[
+                (outcomes.seed == seed)
+                & (outcomes.method == variant)
+                & (outcomes.start_position == -0.55)
+                & (outcomes.test_step == 1)
+            ]
+            assert row.final_position.item() == pytest.approx(
+                last.val_final_position, abs=1e-6
+            )

@@ -26,6 +26,23 @@ def tiny_params_dict() -> dict:
         batch_size=16, meta_batch_size=2, n_inner_steps=2
     )
     params["mnist"]["evaluate"]["batch_size"] = 16
+    for name in ("frequency", "mountain_car"):
+        exp = params[name]
+        exp["seeds"] = [0, 1]
+        exp["meta_train"].update(n_outer_iterations=4, validate_every=2)
+    params["frequency"]["prepare"].update(n_points=16, n_eval_points=16)
+    params["frequency"]["learned_loss"]["hidden_sizes"] = [6, 6]
+    params["frequency"]["meta_train"].update(tasks_per_iteration=2, unrolls_per_task=3)
+    params["frequency"]["evaluate"].update(
+        targets=[0.5, -2.0], initial_thetas=[-4.0, 4.0], n_steps=3, landscape_points=101
+    )
+    car = params["mountain_car"]
+    car["prepare"].update(
+        horizon=12, n_intermediate_steps=5, test_start_positions=[-0.4]
+    )
+    car["optimizee"]["hidden_size"] = 8
+    car["learned_loss"]["hidden_sizes"] = [16, 16]
+    car["evaluate"]["n_steps"] = 2
     return params
 
 
