@@ -162,18 +162,34 @@ def sample_validation(data: dict, n_tasks: int, gen: torch.Generator):
     return omega, x, torch.sin(omega[:, None] * x)
 
 
-def count_local_minima(values: np.ndarray) -> int:
+def count_local_minima(values: np.ndarray, min_prominence: float = 0.0) -> int:
     """Interior local minima of a sampled 1-D curve.
 
     Runs of equal values count once; a minimum at either end of the grid is
-    not counted (the curve may keep falling outside it).
+    not counted (the curve may keep falling outside it). With
+    ``min_prominence`` > 0 only minima at least that deep count, as a
+    fraction of the curve's range: the depth (prominence) of a minimum is
+    the lower of the two highest points between it and the nearest lower
+    point on each side (or the end of the grid).
     """
     values = np.asarray(values, dtype=float)
     keep = np.concatenate([[True], np.diff(values) != 0])
     v = values[keep]
     if len(v) < 3:
         return 0
-    return int(np.sum((v[1:-1] < v[:-2]) & (v[1:-1] < v[2:])))
+    minima = np.flatnonzero((v[1:-1] < v[:-2]) & (v[1:-1] < v[2:])) + 1
+    if min_prominence <= 0:
+        return len(minima)
+    threshold = min_prominence * (v.max() - v.min())
+    count = 0
+    for i in minima:
+        barriers = []
+        for side in (v[i::-1], v[i:]):
+            lower = np.flatnonzero(side < v[i])
+            stop = lower[0] if len(lower) else len(side)
+            barriers.append(side[:stop].max())
+        count += min(barriers) - v[i] >= threshold
+    return int(count)
 
 
 def landscape(pointwise, thetas: torch.Tensor, x: torch.Tensor, omega: float):
@@ -194,7 +210,8 @@ def evaluate(
 
     Returns:
       ``landscape`` (loss value over the theta grid per target),
-      ``minima`` (count and location of the lowest point per target) and
+      ``minima`` (interior local minima, all and those at least 1 % of the
+      landscape's range deep, and the lowest point, per target) and
       ``convergence`` (theta after every meta-test step, per start and
       target), all with a ``seed`` column.
     """
@@ -220,6 +237,7 @@ def evaluate(
                     "method": method,
                     "target": target,
                     "n_local_minima": count_local_minima(values),
+                    "n_minima_1pct": count_local_minima(values, 0.01),
                     "argmin_theta": float(grid[int(np.argmin(values))]),
                 }
             )
@@ -252,10 +270,11 @@ def evaluate(
 def summary(tables: dict[str, pd.DataFrame], tolerance: float) -> dict:
     """Headline numbers: mean local minima per target, convergence per method."""
     out: dict = {}
-    for (method, target), n in (
-        tables["minima"].groupby(["method", "target"]).n_local_minima.mean().items()
-    ):
-        out.setdefault(method, {})[f"local_minima_target_{target:g}"] = float(n)
+    means = tables["minima"].groupby(["method", "target"]).mean(numeric_only=True)
+    for (method, target), row in means.iterrows():
+        entry = out.setdefault(method, {})
+        entry[f"local_minima_target_{target:g}"] = float(row.n_local_minima)
+        entry[f"minima_1pct_target_{target:g}"] = float(row.n_minima_1pct)
     conv = tables["convergence"]
     last = conv[conv.step == conv.step.max()]
     error = (last.theta - last.target).abs()

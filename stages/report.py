@@ -159,9 +159,9 @@ def _shaping_section(name, params, layout, out, confidence):
         section.table(
             table,
             f"Interior local minima over theta in {ep.landscape_range} "
-            f"({ep.landscape_points} grid points), mean [{confidence:.0%} interval] "
-            "over seeds; the authors' code: shaped 1, unshaped and MSE 10 "
-            "(target 0.5)",
+            f"({ep.landscape_points} grid points): all, and those at least 1 % of "
+            f"the landscape's range deep; mean [{confidence:.0%} interval] over "
+            "seeds; the authors' code: shaped 1, unshaped and MSE 10 (target 0.5)",
         )
         seed0 = params.seeds[0]
         fig = rs.plot_landscapes(
@@ -245,13 +245,16 @@ def _shaping_section(name, params, layout, out, confidence):
 
 def _frequency_headline(minima, convergence, ep, extremes) -> str:
     first = ep.targets[0]
-    counts = minima[minima.target == first].groupby("method").n_local_minima
+    at = minima[minima.target == first].groupby("method")
+    counts, deep = at.n_local_minima.mean(), at.n_minima_1pct.mean()
     last = convergence[
         (convergence.step == convergence.step.max()) & convergence.theta0.isin(extremes)
     ]
     reached = ((last.theta - last.target).abs() <= ep.tolerance).groupby(last.method)
     parts = ", ".join(
-        f"{m} {counts.mean()[m]:.1f}" for m in rs.METHOD_ORDER if m in counts.mean()
+        f"{m} {counts[m]:.1f} ({deep[m]:.1f} at least 1 % deep)"
+        for m in rs.METHOD_ORDER
+        if m in counts
     )
     runs = ", ".join(
         f"{m} {int(reached.sum()[m])}/{int(reached.count()[m])}"

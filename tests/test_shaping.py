@@ -87,6 +87,26 @@ def test_count_local_minima_on_known_functions():
     assert frequency.count_local_minima(np.array([3, 2, 2, 1, 4])) == 1
 
 
+def test_shallow_minima_are_filtered_by_prominence():
+    from scipy.signal import find_peaks
+
+    x = np.linspace(-7, 7, 2001)
+    rippled = np.cos(x) + 0.002 * np.sin(60 * x)
+    assert frequency.count_local_minima(rippled) > 10
+    assert frequency.count_local_minima(rippled, 0.01) == 2
+    # depths: 1 is 0.25 of the range deep (barrier 2), 0 is 0.75 (barrier 3)
+    curve = np.array([3.0, 1.0, 2.0, 0.0, 4.0])
+    assert frequency.count_local_minima(curve, 0.4) == 1
+    assert frequency.count_local_minima(curve, 0.2) == 2
+    # the same depths as SciPy's prominence of the negated curve
+    rng = np.random.default_rng(0)
+    noisy = np.cumsum(rng.normal(size=500))
+    for fraction in (0.01, 0.05, 0.2):
+        height = fraction * (noisy.max() - noisy.min())
+        peaks, _ = find_peaks(-noisy, prominence=height)
+        assert frequency.count_local_minima(noisy, fraction) == len(peaks)
+
+
 def test_mse_landscape_has_the_paper_structure():
     """Many minima for MSE, the lowest one at the target frequency."""
     x = torch.linspace(-5, 5, 64)
