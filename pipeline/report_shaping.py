@@ -181,7 +181,7 @@ def seed_table(outcomes: pd.DataFrame, train_start: float) -> pd.DataFrame:
                 r = r.iloc[0]
                 star = "*" if r.success else ""
                 row[f"{method} step {step}"] = (
-                    f"{r.final_position:.2f}{star}, {r.clipped_fraction:.0%}"
+                    f"{r.final_position:.3f}{star}, {r.clipped_fraction:.0%}"
                 )
         rows.append(row)
     return pd.DataFrame(rows)

@@ -97,9 +97,15 @@ def _meta_train(experiment, params, data, seed, variant, device):
     mp = params.meta_train
     gen = runtime.generator(seed, f"{experiment}/meta_train")
     progress = _cli.show_progress()
-    torch.manual_seed(runtime.stream_seed(seed, "learned_loss/init"))
+
+    def seed_learned_loss_init():
+        torch.manual_seed(runtime.stream_seed(seed, "learned_loss/init"))
+
     if variant is None:
+        # built first: building the optimizee draws from torch's global RNG,
+        # and the learned loss's initial weights must not depend on it
         exp = build_experiment(experiment, params, data, device)
+        seed_learned_loss_init()
         learned_loss = build_learned_loss(exp, params).to(device)
         result = meta.meta_train(
             exp.optimizee,
@@ -120,6 +126,7 @@ def _meta_train(experiment, params, data, seed, variant, device):
         )
         return learned_loss, result
     # the shaping experiments are a handful of scalars per step: CPU only
+    seed_learned_loss_init()
     if experiment == "frequency":
         learned_loss = learned_loss_for(params.learned_loss, frequency.N_INPUTS)
         result = frequency.meta_train(

@@ -101,6 +101,36 @@ CASES = [
     ),
     (("sine.evaluate", "fast"), r"sine\.evaluate = 'fast': expected a mapping"),
     (("extra", {}), r"unknown key params\.yaml \(top level\)\.extra"),
+    # the shaping experiments have their own schemas
+    (
+        ("frequency.meta_train.n_inner_steps", 1),
+        r"unknown key frequency\.meta_train\.n_inner_steps; allowed keys in "
+        r"frequency\.meta_train: n_outer_iterations, outer_lr, inner_lr, "
+        r"tasks_per_iteration, unrolls_per_task",
+    ),
+    (
+        ("mountain_car.prepare.n_intermediate_steps", 40),
+        r"n_intermediate_steps = 40: expected at most horizon = 12",
+    ),
+    (
+        ("mountain_car.prepare.test_start_positions", [-0.4, 0.7]),
+        r"test_start_positions\[1\] = 0\.7 is out of range: expected a number <= 0\.5",
+    ),
+    (
+        ("frequency.evaluate.landscape_range", [7.0, -7.0]),
+        r"landscape_range = \[7\.0, -7\.0\]: expected \[low, high\]",
+    ),
+    (
+        ("frequency.evaluate.landscape_points", 2),
+        r"landscape_points = 2 is out of range: expected an integer >= 3",
+    ),
+    (
+        ("mountain_car.optimizee.hidden_sizes", [8]),
+        r"unknown key mountain_car\.optimizee\.hidden_sizes; allowed keys in "
+        r"mountain_car\.optimizee: hidden_size",
+    ),
+    (("frequency.evaluate.targets", []), r"targets = \[\]: expected a non-empty"),
+    (("mountain_car", None), r"missing key params\.yaml \(top level\)\.mountain_car"),
 ]
 
 
