@@ -21,6 +21,18 @@ import pandas as pd
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, directory: bool) -> None:
+    # mkstemp and mkdtemp create private (0600/0700) entries; a finished
+    # output gets the mode any other new file would get under the umask
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yields a temporary path next to ``path``; renames it there on success."""
@@ -30,6 +42,7 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        _usual_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -50,6 +63,7 @@ def atomic_dir(path: str | Path):
     )
     try:
         yield tmp
+        _usual_mode(tmp, directory=True)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.{tmp.name}.old")

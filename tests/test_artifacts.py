@@ -50,3 +50,18 @@ def test_arrays_round_trip_without_pickle(tmp_path):
     np.savez(tmp_path / "obj.npz", o=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle"):
         artifacts.read_arrays(tmp_path / "obj.npz")
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """Not the private modes of mkstemp/mkdtemp: others may read the results."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with artifacts.atomic_dir(tmp_path / "out") as tmp:
+            artifacts.write_json(tmp / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "a.json").stat().st_mode) == 0o644
