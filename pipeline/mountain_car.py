@@ -335,7 +335,7 @@ def animate(trajectories: pd.DataFrame, path, fps: int, title: str) -> None:
     fig, axes = plt.subplots(
         1, len(methods), figsize=(4 * len(methods), 3), squeeze=False
     )
-    cars, trails, paths = [], [], []
+    cars, trails, clocks, paths = [], [], [], []
     for ax, method in zip(axes[0], methods, strict=True):
         ax.plot(track, hill_height(track), color="0.4")
         ax.axvline(MAX_POSITION, color="green", linestyle=":")
@@ -345,19 +345,22 @@ def animate(trajectories: pd.DataFrame, path, fps: int, title: str) -> None:
         ax.set_xlabel("position")
         (car,) = ax.plot([], [], "o", color="tab:red", markersize=10)
         (trail,) = ax.plot([], [], "-", color="tab:red", alpha=0.3)
+        clock = ax.text(0.03, 0.92, "", transform=ax.transAxes)
         cars.append(car)
         trails.append(trail)
+        clocks.append(clock)
         paths.append(trajectories[trajectories.method == method].sort_values("t"))
     fig.suptitle(title)
     fig.tight_layout()
     n_frames = max(len(p) for p in paths)
 
     def draw(frame):
-        for car, trail, p in zip(cars, trails, paths, strict=True):
+        for car, trail, clock, p in zip(cars, trails, clocks, paths, strict=True):
             pos = p.position.to_numpy()[: frame + 1]
             car.set_data([pos[-1]], [hill_height(pos[-1])])
             trail.set_data(pos, hill_height(pos))
-        return cars + trails
+            clock.set_text(f"t = {len(pos) - 1}, p = {pos[-1]:.2f}")
+        return cars + trails + clocks
 
     anim = FuncAnimation(fig, draw, frames=n_frames, blit=False)
     anim.save(str(path), writer=PillowWriter(fps=fps))
