@@ -1,4 +1,4 @@
-"""Stage ``meta_train``: one learned loss per experiment and seed.
+"""Stage ``meta_train``: one learned loss per experiment and seed (and variant).
 
 Reads ``params.yaml`` sections ``runtime``, ``<experiment>.seeds``,
 ``.optimizee``, ``.learned_loss`` and ``.meta_train``, and the prepared data
@@ -6,6 +6,11 @@ in ``data/<experiment>/``. Writes ``models/<experiment>/seed_<s>/`` (learned
 loss weights and config, the meta-training curve and the validation curve)
 and ``metrics/<experiment>_meta_train.json``. Each seed is a nested MLflow
 run; each learned loss is registered as ``ml3-<experiment>-loss``.
+
+The shaping experiments (``frequency``, ``mountain_car``) meta-train two
+losses per seed, ``shaped`` and ``unshaped``, into
+``seed_<s>/<variant>/``, each a nested run ``meta_train/<variant>/seed=<s>``
+registered as ``ml3-<experiment>-<variant>-loss``.
 """
 
 from __future__ import annotations
