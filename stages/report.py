@@ -1,10 +1,15 @@
 """Stage ``report``: tables, figures and the Markdown/HTML report.
 
-Reads ``params.yaml`` section ``report``, ``results/<experiment>/curves.csv``,
-``models/<experiment>/seed_*/{meta_curve,validation}.csv`` and the metrics
-JSON of earlier stages. Writes ``reports/``: ``report.md``, ``report.html``
-(self-contained), ``figures/*.png`` and ``tables/*.csv`` (the long results
-table and the display tables). Logged to MLflow experiment ``ml3-report``.
+Reads ``params.yaml`` section ``report`` and, for its text, each
+experiment's ``prepare`` section and the shaping experiments' ``seeds``,
+``optimizee`` and ``evaluate``; ``results/<experiment>/`` (``curves.csv``
+for sine and MNIST; the landscape, minima, convergence, trajectory and
+outcome tables and the animation for the shaping experiments), the
+meta-training and validation curves under ``models/<experiment>/`` and the
+metrics JSON of earlier stages. Writes ``reports/``: ``report.md``,
+``report.html`` (self-contained), ``figures/`` (PNG, and the GIF) and
+``tables/*.csv`` (the long results table and the display tables). Logged to
+MLflow experiment ``ml3-report``.
 """
 
 from __future__ import annotations
