@@ -107,10 +107,15 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
 
 
 def save_state_dict(path: str | Path, module: torch.nn.Module) -> None:
-    """Saves ``module``'s tensors only (no pickled objects), atomically."""
+    """Saves ``module``'s tensors only (no pickled objects), atomically.
+
+    Written through a file object, so the archive inside is always named
+    ``archive`` (given a path, torch names it after the temporary file):
+    equal weights give equal bytes, and DVC sees an unchanged output.
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -65,3 +65,15 @@ def test_outputs_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "out" / "a.json").stat().st_mode) == 0o644
+
+
+def test_equal_weights_give_equal_bytes(tmp_path):
+    """No temporary names leak into the file: DVC hashes stay put."""
+    import torch
+
+    module = torch.nn.Linear(3, 2)
+    artifacts.save_state_dict(tmp_path / "a.pt", module)
+    artifacts.save_state_dict(tmp_path / "b.pt", module)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    loaded = artifacts.load_state_dict(tmp_path / "a.pt")
+    torch.testing.assert_close(loaded["weight"], module.weight.detach())
