@@ -138,14 +138,9 @@ def meta_train(
         initial_theta=initial_theta,
         inner_loss=inner_loss,
         task_loss=objective,
-        n_outer_iterations=mp.n_outer_iterations,
-        tasks_per_iteration=mp.tasks_per_iteration,
-        unrolls_per_task=mp.unrolls_per_task,
-        inner_lr=mp.inner_lr,
-        outer_lr=mp.outer_lr,
+        schedule=mp,
         generator=gen,
         validate=validate,
-        validate_every=mp.validate_every,
         progress=progress,
     )
     task = sample_task(val_gen)

@@ -207,14 +207,9 @@ def meta_train(
         initial_theta=lambda t: theta0,
         inner_loss=learned_objective,
         task_loss=objective,
-        n_outer_iterations=mp.n_outer_iterations,
-        tasks_per_iteration=mp.tasks_per_iteration,
-        unrolls_per_task=mp.unrolls_per_task,
-        inner_lr=mp.inner_lr,
-        outer_lr=mp.outer_lr,
+        schedule=mp,
         generator=torch.Generator(),
         validate=validate,
-        validate_every=mp.validate_every,
         progress=progress,
     )
     shaping.check_gradient(learned_loss, learned_objective, theta0, task)

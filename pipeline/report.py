@@ -177,11 +177,7 @@ def plot_meta_train(
         ax.set(title=f"validation: {metric}", xlabel="outer iteration")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_meta_test(
@@ -205,6 +201,11 @@ def plot_meta_test(
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig, path: Path, title: str) -> Path:
+    """Titles, lays out, writes and closes ``fig``; returns ``path``."""
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

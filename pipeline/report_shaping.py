@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.mountain_car import MAX_POSITION, MIN_POSITION, hill_height  # noqa: E402
+from pipeline.report import band, save_figure  # noqa: E402
 from pipeline.stats import mean_ci  # noqa: E402
 
 METHOD_ORDER = ("shaped", "unshaped", "mse", "distance")
@@ -29,6 +30,11 @@ def _methods(frame: pd.DataFrame) -> list[str]:
     return [m for m in METHOD_ORDER if m in present] + sorted(
         present - set(METHOD_ORDER)
     )
+
+
+def _panels(n: int):
+    """A figure with ``n`` panels in a row (one per target) and their axes."""
+    return plt.subplots(1, n, figsize=(4.2 * n, 3.3), squeeze=False)
 
 
 def _colors(methods) -> dict:
@@ -87,9 +93,7 @@ def plot_landscapes(landscape: pd.DataFrame, seed: int, path: Path) -> Path:
     """Each loss over theta for every target (one seed), scaled to [0, 1]."""
     frame = landscape[landscape.seed == seed]
     targets = sorted(frame.target.unique())
-    fig, axes = plt.subplots(
-        1, len(targets), figsize=(4.2 * len(targets), 3.3), squeeze=False
-    )
+    fig, axes = _panels(len(targets))
     for ax, target in zip(axes[0], targets, strict=True):
         at = frame[frame.target == target]
         for method in _methods(at):
@@ -103,11 +107,9 @@ def plot_landscapes(landscape: pd.DataFrame, seed: int, path: Path) -> Path:
         ax.set(title=f"target omega = {target:g}", xlabel="theta")
     axes[0][0].set_ylabel("loss (min-max scaled)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Loss landscapes over theta (seed {seed}; dotted: target)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(
+        fig, path, f"Loss landscapes over theta (seed {seed}; dotted: target)"
+    )
 
 
 def plot_convergence(convergence: pd.DataFrame, starts, path: Path) -> Path:
@@ -115,9 +117,7 @@ def plot_convergence(convergence: pd.DataFrame, starts, path: Path) -> Path:
     frame = convergence[convergence.theta0.isin(starts)]
     targets = sorted(frame.target.unique())
     methods = _methods(frame)
-    fig, axes = plt.subplots(
-        1, len(targets), figsize=(4.2 * len(targets), 3.3), squeeze=False
-    )
+    fig, axes = _panels(len(targets))
     colors = _colors(methods)
     for ax, target in zip(axes[0], targets, strict=True):
         at = frame[frame.target == target]
@@ -135,11 +135,9 @@ def plot_convergence(convergence: pd.DataFrame, starts, path: Path) -> Path:
         ax.set(title=f"target omega = {target:g}", xlabel="meta-test SGD step")
     axes[0][0].set_ylabel("theta")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"theta during meta-test from theta0 in {list(starts)} (all seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(
+        fig, path, f"theta during meta-test from theta0 in {list(starts)} (all seeds)"
+    )
 
 
 def outcome_table(
@@ -232,14 +230,12 @@ def plot_trajectories(
     left.set(xlabel="time step", ylabel="position", title="position over time")
     right.set(xlabel="position", ylabel="height", title="visited states on the hill")
     left.legend(fontsize=8)
-    fig.suptitle(
+    return save_figure(
+        fig,
+        path,
         f"Mountain car from p = {train_start:g} after {n_steps} meta-test steps "
-        "(every seed a line)"
+        "(every seed a line)",
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_meta_train(
@@ -250,8 +246,6 @@ def plot_meta_train(
     confidence: float,
 ) -> Path:
     """Meta-training curves of both variants: task loss and validation metrics."""
-    from pipeline.report import band
-
     metrics = [
         c for c in validation.columns if c not in ("iteration", "seed", "variant")
     ]
@@ -274,8 +268,4 @@ def plot_meta_train(
         ax.set(title=f"validation: {metric}", xlabel="outer iteration")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

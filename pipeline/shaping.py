@@ -60,19 +60,17 @@ def meta_train(
     initial_theta: Callable[[Any], Theta],
     inner_loss: Callable[[torch.nn.Module, Theta, Any], torch.Tensor],
     task_loss: ThetaLoss,
-    n_outer_iterations: int,
-    tasks_per_iteration: int,
-    unrolls_per_task: int,
-    inner_lr: float,
-    outer_lr: float,
+    schedule,
     generator: torch.Generator,
     validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-    validate_every: int = 25,
     progress: bool = False,
 ) -> MetaTrainResult:
     """Meta-trains ``learned_loss`` in place (see the module docstring).
 
     Args:
+      schedule: the ``meta_train`` section of the experiment
+        (:class:`pipeline.config.ShapingMetaTrainParams`): iteration counts,
+        learning rates and how often to validate.
       sample_task: draws one meta-train task.
       initial_theta: the optimizee's starting parameters for a task.
       inner_loss: ``(learned_loss, theta, task)`` -> the scalar the inner
@@ -83,7 +81,8 @@ def meta_train(
     Raises:
       FloatingPointError: if a task loss or a meta-gradient is not finite.
     """
-    optimizer = torch.optim.Adam(learned_loss.parameters(), lr=outer_lr)
+    n_outer_iterations = schedule.n_outer_iterations
+    optimizer = torch.optim.Adam(learned_loss.parameters(), lr=schedule.outer_lr)
     history, validation = [], []
     if validate is not None:
         validation.append({"iteration": 0, **validate(learned_loss)})
@@ -95,14 +94,14 @@ def meta_train(
     )
     for iteration in bar:
         losses, norms = [], []
-        for _ in range(tasks_per_iteration):
+        for _ in range(schedule.tasks_per_iteration):
             task = sample_task(generator)
             theta = detach(initial_theta(task))
-            for _ in range(unrolls_per_task):
+            for _ in range(schedule.unrolls_per_task):
                 new = sgd_step(
                     inner_loss(learned_loss, theta, task),
                     theta,
-                    inner_lr,
+                    schedule.inner_lr,
                     create_graph=True,
                 )
                 loss = task_loss(new, task)
@@ -138,7 +137,7 @@ def meta_train(
         if progress:
             bar.set_postfix(task_loss=f"{history[-1]['task_loss']:.4f}")
         if validate is not None and (
-            iteration % validate_every == 0 or iteration == n_outer_iterations
+            iteration % schedule.validate_every == 0 or iteration == n_outer_iterations
         ):
             validation.append({"iteration": iteration, **validate(learned_loss)})
     return MetaTrainResult(history=history, validation=validation)

@@ -152,7 +152,8 @@ def _run_shaping(experiment: str, params, layout: Layout) -> None:
         if experiment == "frequency":
             metrics = {"mean": frequency.summary(joined, params.evaluate.tolerance)}
         else:
-            start = float(layout.read_prepared(experiment, 0)["start_states"][0, 0])
+            # one task for every seed: the data of the last seed will do
+            start = float(data["start_states"][0, 0])
             metrics = {"mean": mountain_car.summary(joined["outcomes"], start)}
             traj = joined["trajectories"]
             shown = traj[
