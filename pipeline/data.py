@@ -61,19 +61,36 @@ def split_binary_mnist(
 ) -> dict[str, np.ndarray]:
     """Keeps two digit classes and splits them into train/validation/test.
 
-    The split is stratified (each class is split by the same fractions) and
-    depends only on ``seed``. Pixels are scaled to [0, 1]; the label is 1 for
-    ``classes[1]`` and 0 for ``classes[0]``.
+    Pixels ``x`` are in 0..255 and are scaled to [0, 1]; the label is 1 for
+    ``classes[1]`` and 0 for ``classes[0]``. See :func:`split_digits`.
 
     Returns:
       ``x_{train,val,test}`` of shape ``[n, 784]`` (float32), ``y_*`` of
       shape ``[n]`` (float32 in {0, 1}) and ``index_*``, the rows of the
       source arrays that went into each split.
     """
-    negative, positive = classes
+    return split_digits(
+        x / np.float32(255.0), y, classes=classes, fractions=fractions, seed=seed
+    )
+
+
+def split_digits(
+    x: np.ndarray, y: np.ndarray, *, classes, fractions, seed: int
+) -> dict[str, np.ndarray]:
+    """Keeps the given digit classes and splits them into train/val/test.
+
+    The split is stratified (each class is split by the same fractions) and
+    depends only on ``seed``. The label of an example is the position of its
+    digit in ``classes`` (so 0/1 for a pair); it is float32 for a pair, the
+    binary classifiers' target type, and int64 for more classes.
+
+    Returns:
+      ``x_{train,val,test}`` (float32), ``y_*`` and ``index_*``, the rows of
+      the source arrays that went into each split.
+    """
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-    for digit in (negative, positive):
+    for digit in classes:
         rows = rng.permutation(np.flatnonzero(y == digit))
         if len(rows) < 3:
             raise ValueError(f"digit {digit} has only {len(rows)} examples")
@@ -88,11 +105,14 @@ def split_binary_mnist(
         parts["train"].append(rows[:n_train])
         parts["val"].append(rows[n_train : n_train + n_val])
         parts["test"].append(rows[n_train + n_val :])
+    label_of = np.full(max(int(y.max()), *classes) + 1, -1, dtype=np.int64)
+    label_of[list(classes)] = np.arange(len(classes))
+    label_type = np.float32 if len(classes) == 2 else np.int64
     out = {}
     for split, chunks in parts.items():
         rows = rng.permutation(np.concatenate(chunks))
-        out[f"x_{split}"] = (x[rows] / 255.0).astype(np.float32)
-        out[f"y_{split}"] = (y[rows] == positive).astype(np.float32)
+        out[f"x_{split}"] = x[rows].astype(np.float32)
+        out[f"y_{split}"] = label_of[y[rows]].astype(label_type)
         out[f"index_{split}"] = rows.astype(np.int64)
     return out
 

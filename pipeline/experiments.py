@@ -162,7 +162,7 @@ def sine_experiment(
         )
         x, y = t["test_x"][tasks], t["test_y"][tasks]
         x_held, y_held = t["test_x_heldout"][tasks], t["test_y_heldout"][tasks]
-        order = _batch_order(
+        order = batch_order(
             len(tasks),
             x.shape[1],
             eval_p.batch_size,
@@ -210,7 +210,7 @@ def sine_experiment(
     )
 
 
-def _batch_order(n_runs, n_items, batch_size, n_steps, gen):
+def batch_order(n_runs, n_items, batch_size, n_steps, gen):
     """``[n_steps, n_runs, batch_size]`` indices, epoch by epoch; None = full batch."""
     if batch_size == 0 or batch_size >= n_items:
         return None
@@ -306,7 +306,7 @@ def mnist_experiment(
         theta0 = meta.sample_init(
             optimizee, eval_p.n_runs, generator(seed, "mnist/evaluate/init"), device
         )
-        order = _batch_order(
+        order = batch_order(
             eval_p.n_runs,
             n_train,
             eval_p.batch_size,

@@ -187,6 +187,22 @@ def log_history(rows: list[dict], *, step_key: str, prefix: str = "") -> None:
         client.log_batch(run_id, metrics=metrics[start : start + _METRICS_PER_BATCH])
 
 
+def log_mean_curves(curves) -> None:
+    """Logs a long curves table's mean over seeds, tasks and runs as histories.
+
+    ``curves`` has columns ``method, split, metric, step, value``; each
+    (method, split, metric) becomes the metric ``<method>/<split>_<metric>``
+    over ``step``.
+    """
+    means = curves.groupby(["method", "split", "metric", "step"]).value.mean()
+    rows: dict[int, dict] = {}
+    for (method, split, metric, step), value in means.items():
+        rows.setdefault(int(step), {"step": int(step)})[
+            f"{method}/{split}_{metric}"
+        ] = value
+    log_history(list(rows.values()), step_key="step")
+
+
 def log_metrics(metrics: dict[str, float], step: int = 0) -> None:
     """Logs scalar metrics at ``step``."""
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

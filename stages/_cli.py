@@ -22,9 +22,17 @@ def show_progress() -> bool:
 
 
 def main(
-    run: Callable[..., None], doc: str, argv=None, *, per_experiment: bool = True
+    run: Callable[..., None],
+    doc: str,
+    argv=None,
+    *,
+    per_experiment: bool = True,
+    positional: str | None = None,
 ) -> int:
     """Parses ``[experiment] [--params P] [--root R]`` and calls ``run``.
+
+    ``positional`` names a free positional argument passed to ``run`` under
+    that name instead of the experiment (the generalize stage's cell).
 
     Returns the exit status: 0; 2 for bad params; 3 for a collapsed learned
     loss (a message, no traceback, in both cases).
@@ -32,6 +40,8 @@ def main(
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     if per_experiment:
         parser.add_argument("experiment", choices=EXPERIMENTS)
+    if positional:
+        parser.add_argument(positional)
     parser.add_argument(
         "--params",
         type=Path,
@@ -55,6 +65,8 @@ def main(
     kwargs = {"params_path": args.params, "root": args.root.resolve()}
     if per_experiment:
         kwargs["experiment"] = args.experiment
+    if positional:
+        kwargs[positional] = getattr(args, positional)
     try:
         run(**kwargs)
     except ParamsError as err:

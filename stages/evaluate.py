@@ -76,7 +76,7 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
                     ignore_index=True,
                 ).assign(experiment=experiment, seed=seed)
                 frames.append(curves)
-                _log_seed(curves)
+                tracking.log_mean_curves(curves)
         table = pd.concat(frames, ignore_index=True)[
             [
                 "experiment",
@@ -176,17 +176,6 @@ def _run_shaping(experiment: str, params, layout: Layout) -> None:
     )
     tracking.log_artifacts(layout.results(experiment))
     log.info("%s: %s", experiment, tracking.flatten_metrics(metrics["mean"]))
-
-
-def _log_seed(curves: pd.DataFrame) -> None:
-    """Mean over tasks and runs of every curve, logged with its step."""
-    means = curves.groupby(["method", "split", "metric", "step"]).value.mean()
-    rows: dict[int, dict] = {}
-    for (method, split, metric, step), value in means.items():
-        rows.setdefault(int(step), {"step": int(step)})[
-            f"{method}/{split}_{metric}"
-        ] = value
-    tracking.log_history(list(rows.values()), step_key="step")
 
 
 def final_metrics(table: pd.DataFrame) -> dict:
