@@ -153,23 +153,35 @@ def stage_run(
 
 
 @contextlib.contextmanager
-def seed_run(stage: str, seed: int, tags: dict | None = None):
-    """A run nested in the active stage run, for one seed, with its params."""
+def nested_run(run_name: str, tags: dict | None = None, params: dict | None = None):
+    """A run nested in the active stage run, with its params and tags.
+
+    Each nested run carries the stage's params and tags (for filtering),
+    updated with ``tags`` and ``params``.
+    """
     parent = mlflow.active_run()
     if parent is None:
-        raise RuntimeError("seed_run must be used inside stage_run")
-    # each seed run carries the stage's params and tags, for filtering
+        raise RuntimeError("nested runs must be started inside stage_run")
     stored = MlflowClient().get_run(parent.info.run_id).data
     all_tags = {k: v for k, v in stored.tags.items() if not k.startswith("mlflow.")}
-    all_tags.update({"seed": str(seed), **(tags or {})})
+    all_tags.update(tags or {})
     # nested runs land in the default experiment unless told the parent's
     with mlflow.start_run(
         experiment_id=parent.info.experiment_id,
-        run_name=f"{stage}/seed={seed}",
+        run_name=run_name,
         nested=True,
         tags=all_tags,
     ) as run:
-        mlflow.log_params({**stored.params, "seed": seed})
+        mlflow.log_params({**stored.params, **(params or {})})
+        yield run
+
+
+@contextlib.contextmanager
+def seed_run(stage: str, seed: int, tags: dict | None = None):
+    """A nested run ``<stage>/seed=<s>`` for one seed (tag and param ``seed``)."""
+    with nested_run(
+        f"{stage}/seed={seed}", {"seed": str(seed), **(tags or {})}, {"seed": seed}
+    ) as run:
         yield run
 
 

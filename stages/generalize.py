@@ -98,8 +98,8 @@ def run(cell_name: str, params_path: Path, root: Path) -> None:
             artifacts.write_csv(out / "curves.csv", table)
             artifacts.write_csv(out / "summary.csv", summary.assign(cell=cell_name))
         for step, rows in summary.groupby("step"):
-            with tracking.seed_run(
-                f"{stage}/horizon", int(step), tags={"horizon": str(step)}
+            with tracking.nested_run(
+                f"{stage}/horizon={step}", {"horizon": str(step)}, {"horizon": step}
             ):
                 tracking.log_metrics(_summary_metrics(rows))
         metrics = {

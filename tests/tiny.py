@@ -43,7 +43,26 @@ def tiny_params_dict() -> dict:
     car["optimizee"]["hidden_size"] = 8
     car["learned_loss"]["hidden_sizes"] = [16, 16]
     car["evaluate"]["n_steps"] = 2
+    gen = params["generalize"]
+    gen["sine"].update(
+        n_steps=4, checkpoints=[2, 4], n_tasks=2, n_points=20, n_heldout_points=10
+    )
+    gen["mnist"].update(n_steps=4, checkpoints=[2, 4], n_runs=2, batch_size=16)
+    gen["cells"] = {name: gen["cells"][name] for name in TINY_CELLS}
     return params
+
+
+# one cell of each kind: reference, BatchNorm, learning rate, CNN, 10-way,
+# another dataset
+TINY_CELLS = (
+    "sine_reference",
+    "sine_arch_batchnorm",
+    "sine_lr_003",
+    "mnist_reference",
+    "mnist_arch_cnn",
+    "mnist_data_ten_way",
+    "mnist_data_digits_4_9",
+)
 
 
 def write_params(path: Path, params: dict) -> Path:

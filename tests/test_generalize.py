@@ -1,0 +1,385 @@
+"""The generalization grid: architectures, BatchNorm policy, K-way loss, cells."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tiny import REPO, tiny_params_dict
+from torch import nn
+
+from pipeline import data
+from pipeline import generalize as gz
+from pipeline.config import (
+    MLPArchitectureParams,
+    ParamsError,
+    load_params,
+    parse_params,
+)
+from pipeline.nets import LearnedLoss, build_mlp
+
+
+def _arch(**kw):
+    return MLPArchitectureParams(**{"hidden_sizes": [6], **kw})
+
+
+def _loss_for(experiment: str) -> LearnedLoss:
+    torch.manual_seed(0)
+    transform = "sigmoid" if experiment == "mnist" else "identity"
+    return LearnedLoss(2, (8, 8), bias=True, prediction_transform=transform)
+
+
+@pytest.mark.parametrize(
+    "name", list(load_params(REPO / "params.yaml").generalize.cells)
+)
+def test_every_cell_of_the_grid_trains_a_few_steps(name):
+    """Each architecture/dataset of params.yaml builds, trains, gives finite metrics."""
+    params = load_params(REPO / "params.yaml").generalize
+    cell = params.cells[name]
+    shared = dataclasses.replace(
+        gz.shared_settings(params, cell.experiment),
+        n_steps=3,
+        checkpoints=[1, 3],
+        n_runs=2,
+        **({"n_tasks": 2} if cell.experiment == "sine" else {"batch_size": 16}),
+    )
+    curves = gz.run_cell_seed(cell, shared, _loss_for(cell.experiment), seed=0)
+    assert set(curves.method) == {
+        "learned",
+        "mse" if cell.experiment == "sine" else "cross_entropy",
+    }
+    assert set(curves.step) == {0, 1, 2, 3}
+    assert np.isfinite(curves.value).all()
+    # both losses start from the same weights: identical step-0 metrics
+    start = curves[curves.step == 0].pivot_table(
+        index=["task", "run", "split", "metric"], columns="method", values="value"
+    )
+    np.testing.assert_array_equal(start.iloc[:, 0], start.iloc[:, 1])
+    # and the learned loss moved them
+    moved = curves[(curves.method == "learned") & (curves.metric != "accuracy")]
+    assert not np.allclose(
+        moved[moved.step == 0].value.to_numpy(), moved[moved.step == 3].value.to_numpy()
+    )
+
+
+def test_batched_mlp_matches_torch_modules_run_by_run():
+    net = gz.BatchedNet(_arch(hidden_sizes=[7, 5], activation="tanh"), (4,), 3)
+    theta = net.init(3, torch.Generator().manual_seed(0))
+    x = torch.randn(3, 10, 4)
+    out, _ = net.forward(theta, x, train=True)
+    for r in range(3):
+        module = build_mlp(4, [7, 5], 3, "tanh")
+        names = ["fc0", "fc1", "out"]
+        for layer, name in zip(module[::2], names, strict=True):
+            layer.weight.data = theta[f"{name}.weight"][r]
+            layer.bias.data = theta[f"{name}.bias"][r]
+        torch.testing.assert_close(out[r], module(x[r]))
+
+
+def test_batched_cnn_matches_torch_convolutions():
+    arch = load_params(REPO / "params.yaml").generalize.cells["mnist_arch_cnn"]
+    net = gz.BatchedNet(arch.architecture, (1, 8, 8), 2)
+    theta = net.init(2, torch.Generator().manual_seed(1))
+    x = torch.rand(2, 5, 64)
+    out, _ = net.forward(theta, x, train=True)
+    for r in range(2):
+        h = x[r].view(5, 1, 8, 8)
+        for i in range(2):
+            w, b = theta[f"conv{i}.weight"][r], theta[f"conv{i}.bias"][r]
+            h = torch.relu(nn.functional.conv2d(h, w, b, stride=2, padding=1))
+        h = torch.relu(h.flatten(1) @ theta["fc0.weight"][r].T + theta["fc0.bias"][r])
+        want = h @ theta["out.weight"][r].T + theta["out.bias"][r]
+        torch.testing.assert_close(out[r], want)
+
+
+def test_default_init_follows_torch_bounds():
+    net = gz.BatchedNet(_arch(hidden_sizes=[50]), (400,), 1)
+    theta = net.init(4, torch.Generator().manual_seed(0))
+    bound = 1 / np.sqrt(400)
+    assert theta["fc0.weight"].abs().max() <= bound
+    assert theta["fc0.weight"].abs().max() > 0.95 * bound
+
+
+def _torch_bn_net(theta, momentum):
+    module = nn.Sequential(
+        nn.Linear(3, 6),
+        nn.BatchNorm1d(6, momentum=momentum),
+        nn.ReLU(),
+        nn.Linear(6, 1),
+    )
+    for layer, name in (
+        (module[0], "fc0"),
+        (module[1], "fc0_norm"),
+        (module[3], "out"),
+    ):
+        layer.weight.data = theta[f"{name}.weight"][0].clone()
+        layer.bias.data = theta[f"{name}.bias"][0].clone()
+    return module
+
+
+@pytest.mark.parametrize("bn_eval", ["running", "batch"])
+def test_batchnorm_policy_takes_evaluation_statistics_from_where_it_says(bn_eval):
+    """Train 5 SGD steps on batches; evaluate as nn.BatchNorm1d would."""
+    arch = _arch(norm="batchnorm", bn_eval=bn_eval, bn_momentum=0.3)
+    net = gz.BatchedNet(arch, (3,), 1)
+    theta = net.init(1, torch.Generator().manual_seed(0))
+    reference = _torch_bn_net(theta, momentum=0.3)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.05)
+    state = net.init_state(1)
+    gen = torch.Generator().manual_seed(1)
+    theta = {k: v.requires_grad_(True) for k, v in theta.items()}
+    for _ in range(5):
+        x, y = (
+            torch.randn(1, 16, 3, generator=gen),
+            torch.randn(1, 16, 1, generator=gen),
+        )
+        out, stats = net.forward(theta, x, state=state, train=True)
+        grads = torch.autograd.grad(((out - y) ** 2).mean(), list(theta.values()))
+        theta = {
+            k: (v - 0.05 * g).detach().requires_grad_(True)
+            for (k, v), g in zip(theta.items(), grads, strict=True)
+        }
+        state = net.update_state(state, stats)
+        reference.train()
+        sgd.zero_grad()
+        ((reference(x[0]) - y[0]) ** 2).mean().backward()
+        sgd.step()
+    bn = reference[1]
+    torch.testing.assert_close(state["fc0_norm.mean"][0], bn.running_mean)
+    torch.testing.assert_close(state["fc0_norm.var"][0], bn.running_var)
+
+    # an evaluation set far from the training batches: the two policies differ
+    x_eval = 3.0 + 2.0 * torch.randn(1, 40, 3, generator=gen)
+    out, _ = net.forward(theta, x_eval, state=state, train=False, bn_eval=bn_eval)
+    if bn_eval == "running":
+        reference.eval()  # normalizes with the running statistics
+    else:
+        reference.train()  # normalizes with the evaluated set's own statistics
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], reference(x_eval[0]))
+    other = "batch" if bn_eval == "running" else "running"
+    out_other, _ = net.forward(theta, x_eval, state=state, train=False, bn_eval=other)
+    assert not torch.allclose(out, out_other, atol=1e-3)
+
+
+def test_batchnorm_running_policy_needs_the_statistics():
+    net = gz.BatchedNet(_arch(norm="batchnorm"), (3,), 1)
+    theta = net.init(1, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="running statistics"):
+        net.forward(theta, torch.randn(1, 4, 3), train=False, bn_eval="running")
+
+
+def test_per_class_loss_shapes_gradients_and_finite_differences():
+    binary = LearnedLoss(2, (8, 8), bias=True, prediction_transform="sigmoid").double()
+    loss = gz.PerClassLoss(binary)
+    logits = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 1, 0])
+    assert loss.pointwise(logits, labels).shape == (6,)
+    value = loss(logits, labels)
+    assert value.dim() == 0
+    value.backward()
+    # the gradient reaches every logit and every parameter of the loss network
+    assert (logits.grad != 0).all()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.parameters())
+    assert torch.autograd.gradcheck(
+        lambda z: loss(z, labels), (logits.detach().requires_grad_(True),)
+    )
+    # and through an SGD step into the loss parameters (the meta-gradient)
+    weights = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    (g,) = torch.autograd.grad(loss(x @ weights, labels), weights, create_graph=True)
+    after = weights - 0.5 * g
+    binary.zero_grad()
+    nn.functional.cross_entropy(x @ after, labels).backward()
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in binary.parameters()
+    )
+
+
+def test_per_class_loss_is_the_binary_loss_per_column():
+    binary = LearnedLoss(2, (8,), bias=True, prediction_transform="sigmoid")
+    logits, labels = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    p = torch.softmax(logits, -1)
+    onehot = nn.functional.one_hot(labels, 3).float()
+    columns = [
+        binary.output(binary.net(torch.stack([p[:, c], onehot[:, c]], -1))).squeeze(-1)
+        for c in range(3)
+    ]
+    want = torch.stack(columns, -1)
+    torch.testing.assert_close(
+        gz.PerClassLoss(binary).pointwise(logits, labels), want.sum(-1)
+    )
+    torch.testing.assert_close(
+        gz.PerClassLoss(binary, "mean").pointwise(logits, labels), want.mean(-1)
+    )
+
+
+def test_per_class_loss_rejects_a_regression_loss():
+    with pytest.raises(ValueError, match="prediction_transform sigmoid"):
+        gz.PerClassLoss(LearnedLoss(2, (4,)))
+
+
+def test_split_digits_is_stratified_and_matches_the_binary_split():
+    x, y = data.load_mnist_digits()
+    binary = data.split_binary_mnist(
+        x, y, classes=[4, 9], fractions=[0.6, 0.2, 0.2], seed=0
+    )
+    again = data.split_digits(
+        x / np.float32(255.0), y, classes=[4, 9], fractions=[0.6, 0.2, 0.2], seed=0
+    )
+    for key in binary:
+        np.testing.assert_array_equal(binary[key], again[key])
+    ten = data.split_digits(
+        x, y, classes=list(range(10)), fractions=[0.6, 0.2, 0.2], seed=0
+    )
+    assert ten["y_train"].dtype == np.int64
+    counts = np.bincount(ten["y_test"], minlength=10)
+    assert counts.min() >= 0.18 * 500 and counts.max() <= 0.22 * 500
+    np.testing.assert_array_equal(y[ten["index_test"]], ten["y_test"])
+
+
+def test_log_steps_cover_the_checkpoints():
+    assert gz.log_steps(1000, [10, 100, 1000]) == [
+        0,
+        1,
+        2,
+        5,
+        10,
+        20,
+        50,
+        100,
+        200,
+        500,
+        1000,
+    ]
+    assert gz.log_steps(30, [7]) == [0, 1, 2, 5, 7, 10, 20, 30]
+
+
+def test_summarize_pairs_seeds_and_marks_the_interval():
+    rows = []
+    for seed in range(5):
+        for run in range(2):
+            for method, value in (("learned", 1.0 + 0.01 * seed), ("mse", 2.0)):
+                rows.append(
+                    dict(
+                        method=method,
+                        seed=seed,
+                        task=0,
+                        run=run,
+                        step=10,
+                        split="heldout",
+                        metric="mse",
+                        value=value,
+                    )
+                )
+    summary = gz.summarize(pd.DataFrame(rows), [10], 0.95).iloc[0]
+    assert summary.seeds_won == 5 and summary.runs_won == 10
+    assert summary.diff_mean == pytest.approx(-0.98)
+    assert summary.interval_excludes_zero
+    assert summary.improvement == pytest.approx(0.49)
+
+
+def test_summarize_improvement_of_accuracy_is_the_error_reduction():
+    rows = [
+        dict(
+            method=m,
+            seed=s,
+            task=0,
+            run=0,
+            step=1,
+            split="test",
+            metric="accuracy",
+            value=v,
+        )
+        for s in range(3)
+        for m, v in (("learned", 0.98), ("cross_entropy", 0.96))
+    ]
+    summary = gz.summarize(pd.DataFrame(rows), [1], 0.95).iloc[0]
+    assert summary.improvement == pytest.approx(0.5)
+    assert summary.seeds_won == 3
+
+
+def _with_cell(**changes):
+    raw = tiny_params_dict()
+    cell = raw["generalize"]["cells"]["mnist_reference"]
+    for key, value in changes.items():
+        cell[key] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"architecture": {"kind": "resnet"}}, "unknown kind; valid: mlp, cnn"),
+        (
+            {"architecture": {"kind": "mlp", "hidden_sizes": [8], "norm": "layer"}},
+            "expected one of none, batchnorm",
+        ),
+        (
+            {"dataset": {"name": "cifar", "classes": [1, 2]}},
+            "valid: sine, mnist, digits",
+        ),
+        (
+            {"dataset": {"name": "mnist", "classes": [3, 3]}},
+            "two or more different digits",
+        ),
+        (
+            {
+                "dataset": {
+                    "name": "sine",
+                    "amplitude_range": [1.0, 1.0],
+                    "phase_range": [0.0, 0.0],
+                    "x_range": [0.0, 1.0],
+                }
+            },
+            "meta-tested on mnist, digits",
+        ),
+        ({"axis": "width"}, "expected one of reference, architecture, dataset, lr"),
+        ({"experiment": "frequency"}, "expected one of sine, mnist"),
+        ({"lr": 0}, "out of range"),
+    ],
+)
+def test_bad_cells_name_what_is_allowed(change, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params(_with_cell(**change))
+
+
+def test_cnn_on_sine_and_late_checkpoints_are_rejected():
+    raw = tiny_params_dict()
+    raw["generalize"]["cells"]["sine_reference"]["architecture"] = {
+        "kind": "cnn",
+        "channels": [4],
+        "hidden_sizes": [],
+    }
+    with pytest.raises(ParamsError, match="needs image inputs"):
+        parse_params(raw)
+    raw = tiny_params_dict()
+    raw["generalize"]["mnist"]["checkpoints"] = [2, 50]
+    with pytest.raises(ParamsError, match="up to n_steps = 4"):
+        parse_params(raw)
+    raw = tiny_params_dict()
+    raw["generalize"]["cells"]["Bad-Name"] = raw["generalize"]["cells"][
+        "sine_reference"
+    ]
+    with pytest.raises(ParamsError, match="lower-case letters"):
+        parse_params(raw)
+
+
+def test_unknown_cell_on_the_command_line_lists_the_cells(
+    tiny_params, tmp_path, caplog
+):
+    from stages import generalize
+
+    code = generalize._cli.main(
+        generalize.run,
+        generalize.__doc__,
+        ["nope", "--params", str(tiny_params), "--root", str(tmp_path)],
+        per_experiment=False,
+        positional="cell_name",
+    )
+    assert code == 2
+    assert "unknown generalization cell 'nope'" in caplog.text
+    assert "sine_reference, sine_arch_batchnorm" in caplog.text
