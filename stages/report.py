@@ -6,7 +6,8 @@ experiment's ``prepare`` section and the shaping experiments' ``seeds``,
 for sine and MNIST; the landscape, minima, convergence, trajectory and
 outcome tables and the animation for the shaping experiments), the
 meta-training and validation curves under ``models/<experiment>/`` and the
-metrics JSON of earlier stages. Writes ``reports/``: ``report.md``,
+metrics JSON of earlier stages; ``params.yaml`` section ``generalize`` and
+``results/generalize/<cell>/`` (summary and curves of every cell). Writes ``reports/``: ``report.md``,
 ``report.html`` (self-contained), ``figures/`` (PNG, and the GIF) and
 ``tables/*.csv`` (the long results table and the display tables). Logged to
 MLflow experiment ``ml3-report``.
@@ -24,6 +25,7 @@ import pandas as pd
 
 from pipeline import artifacts, perf, tracking
 from pipeline import report as rp
+from pipeline import report_generalize as rg
 from pipeline import report_shaping as rs
 from pipeline.config import EXPERIMENTS, SHAPING_EXPERIMENTS, as_dict, load_params
 from pipeline.layout import Layout
@@ -84,7 +86,10 @@ def run(params_path: Path, root: Path) -> None:
                         params.experiments[name].prepare,
                     )
                 )
-            sections.append(_performance_section(root, layout, out))
+            headline, section_ = _generalize_section(params, root, out, confidence)
+            summary.text(headline)
+            sections.append(section_)
+            sections.append(_performance_section(root, layout, out, params))
             artifacts.write_csv(
                 out / "tables" / "final_long.csv", pd.concat(finals, ignore_index=True)
             )
@@ -438,7 +443,86 @@ def _experiment_section(
     return section
 
 
-def _performance_section(root: Path, layout: Layout, out: Path) -> rp.Section:
+def _generalize_section(params, root: Path, out: Path, confidence: float):
+    """The generalization grid's section and its summary sentence."""
+    section = rp.Section("Generalization to unseen settings")
+    cells = rg.cell_table(params.generalize.cells)
+    summary, curves = rg.read_cells(root, params.generalize.cells)
+    steps = sorted(summary.step.unique())
+    seeds = {e: params.experiments[e].seeds for e in set(cells.experiment)}
+    shared = params.generalize
+    section.text(
+        "Each learned loss of the sine and MNIST experiments (one per seed, "
+        "meta-trained in one setting) is used, frozen, to train fresh optimizees "
+        "in settings it never saw: other architectures, datasets or task "
+        "families, learning rates, and far more steps than the one it was "
+        "meta-trained through. Every cell trains the same initial weights in "
+        "the same data order with the learned loss and with the standard loss "
+        f"(MSE; cross-entropy) for {shared.sine.n_steps} (sine) and "
+        f"{shared.mnist.n_steps} (MNIST) plain SGD steps, at the cell's "
+        f"learning rate; seeds: {seeds}. Sine: {shared.sine.n_tasks} tasks per "
+        f"seed, MSE on {shared.sine.n_heldout_points} held-out points; MNIST: "
+        f"{shared.mnist.n_runs} classifiers per seed, minibatch "
+        f"{shared.mnist.batch_size}, accuracy and cross-entropy on the test split. "
+        "K-way outputs use the binary learned loss once per class on (softmax "
+        "probability, one-hot target), "
+        f"{'summed' if shared.mnist.class_reduction == 'sum' else 'averaged'} over "
+        "classes; BatchNorm layers "
+        "normalize training batches with their own statistics and evaluation "
+        "with the running statistics ('running') or the evaluated set's own "
+        "('batch'), as each cell declares."
+    )
+    section.text(
+        "Improvement = relative reduction of the loss, or of the error "
+        "(1 - accuracy), against the standard loss; + / - (and * in the figure) "
+        f"mark cells whose {confidence:.0%} interval of the paired difference over "
+        "seeds excludes zero in favour of / against the learned loss."
+    )
+    verdict = rg.verdicts(summary, cells, steps)
+    artifacts.write_csv(out / "tables" / "generalize_verdicts.csv", verdict)
+    section.table(
+        verdict,
+        "Which generalization claims held: cells where the learned loss is better "
+        "/ worse with the interval excluding zero / neither",
+    )
+    for name in ("sine", "mnist"):
+        sentence = rg.horizon_sentence(summary, cells, name, steps)
+        if sentence:
+            section.text(sentence)
+    fig = rg.plot_matrix(summary, cells, out / "figures" / "generalize_matrix.png")
+    section.figure(fig, "Transfer matrix (colour: improvement, clipped to ±100 %)")
+    matrix = rg.matrix_table(summary, cells)
+    artifacts.write_csv(out / "tables" / "generalize_matrix.csv", matrix)
+    section.table(matrix, "Transfer matrix as a table")
+    for name in ("sine", "mnist"):
+        if not (cells.experiment == name).any():
+            continue
+        detail = rg.detail_table(summary, cells, name)
+        artifacts.write_csv(out / "tables" / f"generalize_{name}.csv", detail)
+        section.table(detail, f"{rg.TITLES[name]}: every cell and checkpoint")
+        for split, metric in rg.MATRIX_METRICS[name]:
+            fig = rg.plot_cell_curves(
+                curves,
+                cells,
+                name,
+                split,
+                metric,
+                out / "figures" / f"generalize_{name}_{split}_{metric}.png",
+                confidence,
+            )
+            section.figure(fig, "Per-cell curves (mean over seeds, band: interval)")
+    artifacts.write_csv(out / "tables" / "generalize_summary.csv", summary)
+    final = max(steps)
+    held = verdict[(verdict.step == final) & (verdict.verdict == "held")]
+    headline = (
+        f"Generalization: {len(cells)} meta-test cells; at {final} steps "
+        f"{len(held)} of {len(verdict[verdict.step == final])} claim/metric rows "
+        "held in every cell (details in the generalization section)."
+    )
+    return headline, section
+
+
+def _performance_section(root: Path, layout: Layout, out: Path, params) -> rp.Section:
     section = rp.Section("Performance")
     rows = []
     for name in EXPERIMENTS:
@@ -451,6 +535,20 @@ def _performance_section(root: Path, layout: Layout, out: Path) -> rp.Section:
                     "seconds": metrics.get("stage_seconds", float("nan")),
                 }
             )
+    cell_seconds = [
+        artifacts.read_json(path).get("stage_seconds", float("nan"))
+        for path in (
+            root / "metrics" / f"generalize_{name}.json"
+            for name in params.generalize.cells
+        )
+        if path.is_file()
+    ]
+    rows.append(
+        {
+            "stage": f"generalize@* ({len(cell_seconds)} cells)",
+            "seconds": round(sum(cell_seconds), 2),
+        }
+    )
     section.table(
         pd.DataFrame(rows),
         "Wall time of each stage in the run that made these results "

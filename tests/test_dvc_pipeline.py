@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from tiny import REPO, tiny_params_dict, write_params
+from tiny import REPO, TINY_CELLS, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_dvc_repro_end_to_end(repo_copy):
         f"{stage}@{name}"
         for stage in ("prepare", "meta_train", "evaluate")
         for name in ("sine", "mnist", "frequency", "mountain_car")
-    } | {"report"}
+    } | {f"generalize@{cell}" for cell in TINY_CELLS} | {"report"}
     assert (repo_copy / "reports" / "report.html").is_file()
     assert (repo_copy / "reports" / "report.md").is_file()
 
@@ -100,6 +100,8 @@ def test_dvc_repro_end_to_end(repo_copy):
     for heading in ("Shaped sine frequency", "Mountain car with an intermediate"):
         assert f"## {heading}" in report
     assert "figures/mountain_car.gif" in report
+    assert "## Generalization to unseen settings" in report
+    assert "figures/generalize_matrix.png" in report
 
     metrics = _run(["dvc", "metrics", "show", "--json"], repo_copy)
     assert "final_task_loss" in metrics and "heldout_mse" in metrics
@@ -127,6 +129,23 @@ def test_dvc_repro_end_to_end(repo_copy):
         "evaluate@mountain_car",
         "report",
     }, fourth
+
+    # a new architecture in the grid: only the new cell (and the report) runs
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["generalize"]["cells"]["mnist_arch_tanh"] = full["generalize"]["cells"][
+        "mnist_arch_tanh"
+    ]
+    write_params(repo_copy / "params.yaml", params)
+    fifth = _run(["dvc", "repro"], repo_copy)
+    assert _ran(fifth) == {"generalize@mnist_arch_tanh", "report"}, fifth
+    assert "mlp 64 tanh" in (repo_copy / "reports" / "report.md").read_text()
+
+    # one cell's learning rate changed: only that cell reruns
+    params["generalize"]["cells"]["sine_lr_003"]["lr"] = 0.002
+    write_params(repo_copy / "params.yaml", params)
+    sixth = _run(["dvc", "repro"], repo_copy)
+    assert _ran(sixth) == {"generalize@sine_lr_003", "report"}, sixth
 
 
 def test_dvc_experiment_in_temp_copy_logs_to_repository_store(repo_copy):

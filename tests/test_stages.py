@@ -12,13 +12,13 @@ import torch
 
 from pipeline import artifacts, tracking
 from pipeline.layout import Layout, seed_dir
-from stages import evaluate, meta_train, prepare, report
+from stages import evaluate, generalize, meta_train, prepare, report
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, mlflow_store):
     """All stages, both experiments, on tiny params: (root, params path)."""
-    from tiny import REPO, tiny_params_dict, write_params
+    from tiny import REPO, TINY_CELLS, tiny_params_dict, write_params
 
     root = tmp_path_factory.mktemp("stages")
     params = write_params(root / "params.yaml", tiny_params_dict())
@@ -29,6 +29,8 @@ def pipeline_run(tmp_path_factory, mlflow_store):
             prepare.run(name, params, root)
             meta_train.run(name, params, root)
             evaluate.run(name, params, root)
+        for cell in TINY_CELLS:
+            generalize.run(cell, params, root)
         report.run(params, root)
     return root, params
 
@@ -92,7 +94,8 @@ def test_report_has_tables_figures_and_self_contained_html(pipeline_run):
     root, _ = pipeline_run
     reports = Layout(root).reports
     html = (reports / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 10
+    # 10 experiment and performance figures, 4 of the generalization grid
+    assert html.count("data:image/png;base64,") == 14
     assert html.count("data:image/gif;base64,") == 1
     assert "http://" not in html and "https://" not in html
     md = (reports / "report.md").read_text()
@@ -272,3 +275,69 @@ def test_mountain_car_meta_test_repeats_the_final_validation(pipeline_run):
             assert row.final_position.item() == pytest.approx(
                 last.val_final_position, abs=1e-6
             )
+
+
+def test_generalize_writes_curves_summary_and_metrics_per_cell(pipeline_run):
+    from tiny import TINY_CELLS
+
+    root, _ = pipeline_run
+    for cell in TINY_CELLS:
+        folder = root / "results" / "generalize" / cell
+        curves = pd.read_csv(folder / "curves.csv")
+        summary = pd.read_csv(folder / "summary.csv")
+        assert set(curves.seed) == {0, 1} and set(curves.cell) == {cell}
+        assert sorted(summary.step.unique()) == [2, 4]
+        assert (summary.n_seeds == 2).all()
+        assert np.isfinite(summary.learned_mean).all()
+        metrics = artifacts.read_json(root / "metrics" / f"generalize_{cell}.json")
+        assert set(metrics["checkpoints"]) == {"2", "4"}
+    ten = pd.read_csv(root / "results/generalize/mnist_data_ten_way/curves.csv")
+    # 10-way accuracy starts near chance, far from a binary task's 0.5
+    start = ten[(ten.step == 0) & (ten.metric == "accuracy")].value.mean()
+    assert start < 0.3
+
+
+def test_generalize_runs_are_filterable_by_cell_axis_and_horizon(
+    pipeline_run, mlflow_store
+):
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
+    mnist = client.get_experiment_by_name("ml3-mnist").experiment_id
+    cnn = client.search_runs(
+        [mnist], "tags.stage = 'generalize' and tags.architecture LIKE 'cnn%'"
+    )
+    # the stage run, one run per seed and one per checkpoint
+    assert {r.info.run_name for r in cnn} == {
+        "generalize/mnist_arch_cnn",
+        "generalize/mnist_arch_cnn/seed=0",
+        "generalize/mnist_arch_cnn/seed=1",
+        "generalize/mnist_arch_cnn/horizon=2",
+        "generalize/mnist_arch_cnn/horizon=4",
+    }
+    late = client.search_runs(
+        [mnist], "tags.horizon = '4' and tags.dataset = 'mnist 10-way'"
+    )
+    assert len(late) == 1
+    assert "test_accuracy_diff_mean" in late[0].data.metrics
+    seed_run = client.search_runs(
+        [mnist], "attributes.run_name = 'generalize/mnist_arch_cnn/seed=1'"
+    )[0]
+    history = client.get_metric_history(seed_run.info.run_id, "learned/test_accuracy")
+    assert [m.step for m in history] == [0, 1, 2, 4]
+
+
+def test_report_has_the_transfer_matrix_and_verdicts(pipeline_run):
+    root, _ = pipeline_run
+    reports = Layout(root).reports
+    md = (reports / "report.md").read_text()
+    assert "## Generalization to unseen settings" in md
+    assert "figures/generalize_matrix.png" in md
+    assert (reports / "figures" / "generalize_matrix.png").stat().st_size > 5000
+    verdicts = pd.read_csv(reports / "tables" / "generalize_verdicts.csv")
+    assert set(verdicts.verdict) <= {"held", "partly held", "mixed", "did not hold"}
+    assert {"carries to unseen architectures", "carries to other learning rates"} <= (
+        set(verdicts.claim)
+    )
+    matrix = pd.read_csv(reports / "tables" / "generalize_matrix.csv")
+    # one row per cell and matrix metric: 3 sine cells, 4 MNIST cells x 2
+    assert len(matrix) == 3 + 4 * 2
+    assert {"step 2", "step 4"} <= set(matrix.columns)

@@ -1,0 +1,334 @@
+"""Report of the generalization grid: transfer matrix, verdicts, cell curves.
+
+Inputs are the ``summary.csv`` and ``curves.csv`` each ``generalize`` cell
+wrote; nothing is recomputed but means of the saved curves. The
+*improvement* of a cell is the relative reduction of the loss (or of the
+error, ``1 - accuracy``) that the learned loss achieves against the standard
+loss: +0.2 means 20 % lower, negative means worse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pipeline.generalize import architecture_label, dataset_label  # noqa: E402
+from pipeline.report import band, save_figure  # noqa: E402
+
+# the metrics the matrix shows, per experiment: (split, metric)
+MATRIX_METRICS = {
+    "sine": [("heldout", "mse")],
+    "mnist": [("test", "accuracy"), ("test", "cross_entropy")],
+}
+AXIS_ORDER = ("reference", "architecture", "dataset", "lr")
+TITLES = {"sine": "sine loss", "mnist": "MNIST 4/9 loss"}
+
+
+def read_cells(root: Path, cells: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Summaries and curves of the cells in params (stale folders are ignored)."""
+    summaries, curves = [], []
+    for name in cells:
+        folder = root / "results" / "generalize" / name
+        if not (folder / "summary.csv").is_file():
+            raise FileNotFoundError(
+                f"{folder / 'summary.csv'} is missing: run the generalize stage "
+                f"for cell {name!r} (dvc repro)"
+            )
+        summaries.append(pd.read_csv(folder / "summary.csv"))
+        curves.append(pd.read_csv(folder / "curves.csv"))
+    return pd.concat(summaries, ignore_index=True), pd.concat(curves, ignore_index=True)
+
+
+def cell_table(cells: dict) -> pd.DataFrame:
+    """One row per cell: experiment, axis and what it sets."""
+    rows = [
+        {
+            "cell": name,
+            "experiment": cell.experiment,
+            "axis": cell.axis,
+            "architecture": architecture_label(cell.architecture),
+            "dataset": dataset_label(cell.dataset),
+            "lr": cell.lr,
+        }
+        for name, cell in cells.items()
+    ]
+    frame = pd.DataFrame(rows)
+    frame["order"] = frame.axis.map(AXIS_ORDER.index)
+    return frame.sort_values(["experiment", "order"], kind="stable").drop(
+        columns="order"
+    )
+
+
+def setting(row) -> str:
+    """What a cell changes against the meta-training setting, for labels."""
+    if row.axis == "architecture":
+        return row.architecture
+    if row.axis == "dataset":
+        return row.dataset
+    if row.axis == "lr":
+        return f"lr {row.lr:g}"
+    return f"meta-train setting ({row.architecture}, {row.dataset}, lr {row.lr:g})"
+
+
+def _mark(row) -> str:
+    if not row.interval_excludes_zero:
+        return ""
+    return "+" if row.improvement > 0 else "-"
+
+
+def matrix_table(summary: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Improvement per cell (rows) and checkpoint (columns), every matrix metric.
+
+    A trailing ``+`` (``-``) marks cells where the interval of the paired
+    difference over seeds excludes zero in favour of (against) the learned
+    loss.
+    """
+    rows = []
+    for cell in cells.itertuples():
+        for split, metric in MATRIX_METRICS[cell.experiment]:
+            sel = summary[
+                (summary.cell == cell.cell)
+                & (summary.split == split)
+                & (summary.metric == metric)
+            ]
+            row = {
+                "experiment": cell.experiment,
+                "axis": cell.axis,
+                "setting": setting(cell),
+                "metric": f"{split} {metric}",
+            }
+            for r in sel.sort_values("step").itertuples():
+                row[f"step {r.step}"] = f"{r.improvement:+.0%}{_mark(r)}"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def detail_table(summary: pd.DataFrame, cells: pd.DataFrame, experiment: str):
+    """Per cell at each checkpoint: both losses, the difference, wins, p."""
+    rows = []
+    for cell in cells[cells.experiment == experiment].itertuples():
+        for split, metric in MATRIX_METRICS[experiment]:
+            sel = summary[
+                (summary.cell == cell.cell)
+                & (summary.split == split)
+                & (summary.metric == metric)
+            ]
+            for r in sel.sort_values("step").itertuples():
+                rows.append(
+                    {
+                        "setting": setting(cell),
+                        "metric": f"{split} {metric}",
+                        "step": r.step,
+                        "learned": f"{r.learned_mean:.4g}",
+                        r.baseline: f"{r.baseline_mean:.4g}",
+                        "learned - baseline [CI]": (
+                            f"{r.diff_mean:.3g} [{r.diff_low:.3g}, {r.diff_high:.3g}]"
+                        ),
+                        "seeds won": f"{r.seeds_won}/{r.n_seeds}",
+                        "runs won": f"{r.runs_won}/{r.n_runs}",
+                        "p": f"{r.p_value:.2g}",
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def plot_matrix(summary: pd.DataFrame, cells: pd.DataFrame, path: Path) -> Path:
+    """Heat maps: cells x checkpoints, colour = improvement, * = interval clear."""
+    panels = [
+        (exp, split, metric)
+        for exp in MATRIX_METRICS
+        if (cells.experiment == exp).any()
+        for split, metric in MATRIX_METRICS[exp]
+    ]
+    heights = [int((cells.experiment == exp).sum()) for exp, _, _ in panels]
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(5.2 * len(panels), 0.36 * max(heights) + 2.2),
+        squeeze=False,
+    )
+    image = None
+    for ax, (exp, split, metric) in zip(axes[0], panels, strict=True):
+        these = cells[cells.experiment == exp]
+        steps = sorted(summary.step.unique())
+        grid = np.full((len(these), len(steps)), np.nan)
+        marks = np.full(grid.shape, "", dtype=object)
+        for i, cell in enumerate(these.itertuples()):
+            sel = summary[
+                (summary.cell == cell.cell)
+                & (summary.split == split)
+                & (summary.metric == metric)
+            ]
+            for r in sel.itertuples():
+                j = steps.index(r.step)
+                grid[i, j] = r.improvement
+                marks[i, j] = f"{r.improvement:+.0%}" + (
+                    "*" if r.interval_excludes_zero else ""
+                )
+        image = ax.imshow(np.clip(grid, -1, 1), cmap="RdBu", vmin=-1, vmax=1)
+        for (i, j), text in np.ndenumerate(marks):
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+        ax.set_yticks(
+            range(len(these)),
+            [f"{c.axis}: {setting(c)}"[:48] for c in these.itertuples()],
+            fontsize=7,
+        )
+        ax.set(
+            xlabel="meta-test SGD steps",
+            title=f"{TITLES[exp]} → {split} {metric}",
+        )
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="improvement")
+    fig.suptitle(
+        "Transfer matrix: meta-train setting (panel) x meta-test setting (row); "
+        "* = interval excludes zero"
+    )
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_cell_curves(
+    curves: pd.DataFrame,
+    cells: pd.DataFrame,
+    experiment: str,
+    split: str,
+    metric: str,
+    path: Path,
+    confidence: float,
+) -> Path:
+    """One panel per cell: the metric over steps, mean over seeds with a band."""
+    these = cells[cells.experiment == experiment]
+    n_cols = 4
+    n_rows = -(-len(these) // n_cols)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(4.0 * n_cols, 2.9 * n_rows), squeeze=False
+    )
+    sel = curves[(curves.split == split) & (curves.metric == metric)]
+    for ax, cell in zip(axes.flat, these.itertuples(), strict=False):
+        at = sel[sel.cell == cell.cell]
+        per_seed = at.groupby(["method", "seed", "step"], as_index=False).value.mean()
+        per_seed = per_seed[per_seed.step > 0]
+        for method, group in per_seed.groupby("method"):
+            band(ax, group, "step", "value", method, confidence)
+        ax.set_xscale("log")
+        if metric != "accuracy":
+            ax.set_yscale("log")
+        ax.set_title(f"{cell.axis}: {setting(cell)}"[:52], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(these) :]:
+        ax.axis("off")
+    return save_figure(
+        fig, path, f"{TITLES[experiment]}: {split} {metric} over meta-test steps"
+    )
+
+
+def _at(summary, cell, split, metric, step):
+    sel = summary[
+        (summary.cell == cell)
+        & (summary.split == split)
+        & (summary.metric == metric)
+        & (summary.step == step)
+    ]
+    return sel.iloc[0] if len(sel) else None
+
+
+def _tally(summary, names, split, metric, step) -> tuple[int, int, int]:
+    """Cells better / worse (interval excludes zero) / unresolved at ``step``."""
+    better = worse = neither = 0
+    for name in names:
+        r = _at(summary, name, split, metric, step)
+        if r is None:
+            continue
+        if r.interval_excludes_zero and r.improvement > 0:
+            better += 1
+        elif r.interval_excludes_zero:
+            worse += 1
+        else:
+            neither += 1
+    return better, worse, neither
+
+
+def _verdict(better: int, worse: int, total: int) -> str:
+    if total and better == total:
+        return "held"
+    if better and better > worse:
+        return "partly held"
+    if better:
+        return "mixed"
+    return "did not hold"
+
+
+def verdicts(summary: pd.DataFrame, cells: pd.DataFrame, steps) -> pd.DataFrame:
+    """One row per generalization claim, experiment and checkpoint.
+
+    A claim holds at a checkpoint when the learned loss is better than the
+    standard loss with the interval over seeds excluding zero in every cell
+    of that claim; it partly holds when such cells outnumber the cells where
+    it is worse by the same standard.
+    """
+    claims = {
+        "carries to unseen architectures": "architecture",
+        "carries to unseen datasets / task families": "dataset",
+        "carries to other learning rates": "lr",
+        "helps in the meta-train setting itself": "reference",
+    }
+    rows = []
+    for exp in MATRIX_METRICS:
+        these = cells[cells.experiment == exp]
+        for claim, axis in claims.items():
+            names = list(these[these.axis == axis].cell)
+            if not names:
+                continue
+            for split, metric in MATRIX_METRICS[exp]:
+                for step in steps:
+                    better, worse, neither = _tally(summary, names, split, metric, step)
+                    total = better + worse + neither
+                    rows.append(
+                        {
+                            "learned loss": TITLES[exp],
+                            "claim": claim,
+                            "metric": f"{split} {metric}",
+                            "step": step,
+                            "better / worse / unresolved": (
+                                f"{better} / {worse} / {neither} of {total}"
+                            ),
+                            "verdict": _verdict(better, worse, total),
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def horizon_sentence(summary, cells, experiment, steps) -> str:
+    """Where the learned loss helps, stops helping or hurts over the horizon."""
+    ref = cells[(cells.experiment == experiment) & (cells.axis == "reference")]
+    if ref.empty:
+        return ""
+    name = ref.cell.iloc[0]
+    parts = []
+    for split, metric in MATRIX_METRICS[experiment]:
+        words = []
+        for step in steps:
+            r = _at(summary, name, split, metric, step)
+            if r is None:
+                continue
+            if not r.interval_excludes_zero:
+                state = "no clear difference"
+            elif r.improvement > 0:
+                state = "helps"
+            else:
+                state = "hurts"
+            words.append(f"{state} at {step} steps ({r.improvement:+.0%})")
+        parts.append(f"{split} {metric}: " + ", ".join(words))
+    return (
+        f"Horizon, {TITLES[experiment]} in its meta-train setting: "
+        + "; ".join(parts)
+        + "."
+    )
