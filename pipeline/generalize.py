@@ -23,6 +23,7 @@ convolutions), with BatchNorm handled explicitly:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -394,6 +395,7 @@ def sine_task(dataset, shared, seed: int) -> Task:
     )
 
 
+@functools.cache
 def load_digit_source(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """Pixels in [0, 1] ``[N, features]``, labels ``[N]`` and the image shape.
 
@@ -410,7 +412,7 @@ def load_digit_source(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...
     return x, bunch.target.astype(np.int64), (1, 8, 8)
 
 
-def digits_task(dataset, shared, *, _cache: dict = {}) -> Task:  # noqa: B006
+def digits_task(dataset, shared) -> Task:
     """A digit classification task: a class pair (binary) or K classes.
 
     The split (stratified, ``shared.split_fractions`` and ``split_seed``) is
@@ -418,9 +420,7 @@ def digits_task(dataset, shared, *, _cache: dict = {}) -> Task:  # noqa: B006
     meta-train pair's cell meta-tests on its held-out test split. Training
     uses the train split; ``test`` is reported.
     """
-    if dataset.name not in _cache:
-        _cache[dataset.name] = load_digit_source(dataset.name)
-    x, y, shape = _cache[dataset.name]
+    x, y, shape = load_digit_source(dataset.name)
     arrays = datasets.split_digits(
         x,
         y,
@@ -617,15 +617,31 @@ def baseline_of(curves: pd.DataFrame) -> str:
     return baseline
 
 
+def improvement(learned: float, baseline: float, metric: str) -> float:
+    """How much better the learned loss is, in [-1, 1]; 0 when equal.
+
+    Compares the loss, or the error ``1 - accuracy``, of the two:
+    ``(baseline - learned) / max(baseline, learned)``. +0.5 means the learned
+    loss halves the baseline's error; -0.5 means the baseline halves the
+    learned loss's. Bounded both ways, so a divergence does not swamp a
+    colour scale; two zero errors give 0.
+    """
+    if not LOWER_IS_BETTER[metric]:
+        learned, baseline = 1.0 - learned, 1.0 - baseline
+    if not (np.isfinite(learned) and np.isfinite(baseline)):
+        return math.nan
+    largest = max(learned, baseline)
+    return 0.0 if largest <= 0 else (baseline - learned) / largest
+
+
 def summarize(curves: pd.DataFrame, steps, confidence: float) -> pd.DataFrame:
     """Learned vs standard loss at ``steps``: paired statistics over seeds.
 
     Per seed the value is the mean over the cell's runs (and tasks). For each
     step, split and metric: both means with intervals, the mean difference
     ``learned - baseline`` with its interval, the seeds and the single runs
-    won by the learned loss, the paired t-test's p, and ``improvement``: the
-    relative reduction of the loss or error (``1 - accuracy``) against the
-    baseline, positive where the learned loss is better.
+    won by the learned loss, the paired t-test's p, and ``improvement``
+    (:func:`improvement`).
     """
     baseline = baseline_of(curves)
     rows = []
@@ -651,13 +667,6 @@ def summarize(curves: pd.DataFrame, steps, confidence: float) -> pd.DataFrame:
         )
         learned = mean_ci(per_seed["learned"], confidence)
         base = mean_ci(per_seed[baseline], confidence)
-        error = (lambda v: v) if lower else (lambda v: 1.0 - v)
-        base_error = error(base[0])
-        improvement = (
-            (base_error - error(learned[0])) / abs(base_error)
-            if base_error and np.isfinite(base_error)
-            else math.nan
-        )
         excludes_zero = bool(seeds["diff_low"] > 0 or seeds["diff_high"] < 0)
         rows.append(
             {
@@ -677,7 +686,7 @@ def summarize(curves: pd.DataFrame, steps, confidence: float) -> pd.DataFrame:
                 "runs_won": runs["wins"],
                 "n_runs": runs["n_pairs"],
                 "p_value": seeds["p_value"],
-                "improvement": improvement,
+                "improvement": improvement(learned[0], base[0], metric),
                 "interval_excludes_zero": excludes_zero,
                 "n_diverged": int(group.value.isna().sum()),
             }

@@ -2,9 +2,9 @@
 
 Inputs are the ``summary.csv`` and ``curves.csv`` each ``generalize`` cell
 wrote; nothing is recomputed but means of the saved curves. The
-*improvement* of a cell is the relative reduction of the loss (or of the
-error, ``1 - accuracy``) that the learned loss achieves against the standard
-loss: +0.2 means 20 % lower, negative means worse.
+*improvement* of a cell (:func:`pipeline.generalize.improvement`) compares
+the loss, or the error ``1 - accuracy``, of the learned and the standard
+loss: ``(baseline - learned) / max(baseline, learned)``, in [-1, 1].
 """
 
 from __future__ import annotations
@@ -256,23 +256,31 @@ def _tally(summary, names, split, metric, step) -> tuple[int, int, int]:
     return better, worse, neither
 
 
-def _verdict(better: int, worse: int, total: int) -> str:
+VERDICTS = ("held", "partly held", "mixed", "no clear difference", "did not hold")
+
+
+def verdict(better: int, worse: int, total: int) -> str:
+    """A claim's verdict from its cells' tally (see :func:`verdicts`)."""
     if total and better == total:
         return "held"
     if better and better > worse:
         return "partly held"
     if better:
         return "mixed"
-    return "did not hold"
+    if worse:
+        return "did not hold"
+    return "no clear difference"
 
 
 def verdicts(summary: pd.DataFrame, cells: pd.DataFrame, steps) -> pd.DataFrame:
-    """One row per generalization claim, experiment and checkpoint.
+    """One row per generalization claim, learned loss and metric.
 
-    A claim holds at a checkpoint when the learned loss is better than the
-    standard loss with the interval over seeds excluding zero in every cell
-    of that claim; it partly holds when such cells outnumber the cells where
-    it is worse by the same standard.
+    For every checkpoint: the cells where the learned loss is better than the
+    standard loss, worse (the interval over seeds excluding zero either way)
+    and unresolved, and the verdict: *held* if better in every cell,
+    *partly held* if better in more cells than worse, *mixed* if better in
+    some but worse in as many or more, *did not hold* if worse in some and
+    better in none, *no clear difference* if neither anywhere.
     """
     claims = {
         "carries to unseen architectures": "architecture",
@@ -288,25 +296,38 @@ def verdicts(summary: pd.DataFrame, cells: pd.DataFrame, steps) -> pd.DataFrame:
             if not names:
                 continue
             for split, metric in MATRIX_METRICS[exp]:
+                row = {
+                    "learned loss": TITLES[exp],
+                    "claim": claim,
+                    "metric": f"{split} {metric}",
+                }
                 for step in steps:
                     better, worse, neither = _tally(summary, names, split, metric, step)
                     total = better + worse + neither
-                    rows.append(
-                        {
-                            "learned loss": TITLES[exp],
-                            "claim": claim,
-                            "metric": f"{split} {metric}",
-                            "step": step,
-                            "better / worse / unresolved": (
-                                f"{better} / {worse} / {neither} of {total}"
-                            ),
-                            "verdict": _verdict(better, worse, total),
-                        }
+                    row[f"step {step}"] = (
+                        f"{verdict(better, worse, total)} ({better}/{worse}/{neither})"
                     )
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
-def horizon_sentence(summary, cells, experiment, steps) -> str:
+def ahead_steps(curves: pd.DataFrame, cell: str, split: str, metric: str):
+    """Logged steps (> 0) where the learned loss's mean over seeds is better."""
+    sel = curves[
+        (curves.cell == cell)
+        & (curves.split == split)
+        & (curves.metric == metric)
+        & (curves.step > 0)
+    ]
+    means = sel.groupby(["step", "method"]).value.mean().unstack("method")
+    baseline = [m for m in means.columns if m != "learned"][0]
+    better = means["learned"] < means[baseline]
+    if metric == "accuracy":
+        better = means["learned"] > means[baseline]
+    return [int(step) for step, ahead in better.items() if ahead]
+
+
+def horizon_sentence(summary, curves, cells, experiment, steps) -> str:
     """Where the learned loss helps, stops helping or hurts over the horizon."""
     ref = cells[(cells.experiment == experiment) & (cells.axis == "reference")]
     if ref.empty:
@@ -326,9 +347,34 @@ def horizon_sentence(summary, cells, experiment, steps) -> str:
             else:
                 state = "hurts"
             words.append(f"{state} at {step} steps ({r.improvement:+.0%})")
+        ahead = ahead_steps(curves, name, split, metric)
+        logged = sorted(int(s) for s in curves.step.unique() if s > 0)
+        words.append(
+            "mean ahead at "
+            + (f"{len(ahead)} of {len(logged)} logged steps" if ahead else "no step")
+            + (f" ({ahead[0]} to {ahead[-1]})" if ahead else "")
+        )
         parts.append(f"{split} {metric}: " + ", ".join(words))
     return (
         f"Horizon, {TITLES[experiment]} in its meta-train setting: "
         + "; ".join(parts)
+        + "."
+    )
+
+
+def headline(summary, cells, experiment, steps) -> str:
+    """One sentence per learned loss: unseen cells won and lost per checkpoint."""
+    names = list(
+        cells[(cells.experiment == experiment) & (cells.axis != "reference")].cell
+    )
+    split, metric = MATRIX_METRICS[experiment][0]
+    parts = []
+    for step in steps:
+        better, worse, neither = _tally(summary, names, split, metric, step)
+        parts.append(f"{better} better / {worse} worse at {step} steps")
+    return (
+        f"the {TITLES[experiment]} against the standard loss on {len(names)} unseen "
+        f"settings ({split} {metric}, interval over seeds excluding zero): "
+        + ", ".join(parts)
         + "."
     )

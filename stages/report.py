@@ -473,24 +473,29 @@ def _generalize_section(params, root: Path, out: Path, confidence: float):
         "('batch'), as each cell declares."
     )
     section.text(
-        "Improvement = relative reduction of the loss, or of the error "
-        "(1 - accuracy), against the standard loss; + / - (and * in the figure) "
-        f"mark cells whose {confidence:.0%} interval of the paired difference over "
-        "seeds excludes zero in favour of / against the learned loss."
+        "Improvement = (baseline - learned) / max(baseline, learned) of the loss, "
+        "or of the error (1 - accuracy): +50 % means the learned loss halves the "
+        "standard loss's error, -50 % that the standard loss halves the learned "
+        "loss's; bounded in ±100 %. + / - (and * in the figure) mark cells whose "
+        f"{confidence:.0%} interval of the paired difference over seeds excludes "
+        "zero in favour of / against the learned loss."
     )
     verdict = rg.verdicts(summary, cells, steps)
     artifacts.write_csv(out / "tables" / "generalize_verdicts.csv", verdict)
     section.table(
         verdict,
-        "Which generalization claims held: cells where the learned loss is better "
-        "/ worse with the interval excluding zero / neither",
+        "Which generalization claims held, at each checkpoint: the verdict and "
+        "(cells where the learned loss is better / worse with the interval "
+        "excluding zero / neither). held: better in every cell; partly held: "
+        "better in more cells than worse; mixed: better in some, worse in as many "
+        "or more; did not hold: worse in some, better in none",
     )
     for name in ("sine", "mnist"):
-        sentence = rg.horizon_sentence(summary, cells, name, steps)
+        sentence = rg.horizon_sentence(summary, curves, cells, name, steps)
         if sentence:
             section.text(sentence)
     fig = rg.plot_matrix(summary, cells, out / "figures" / "generalize_matrix.png")
-    section.figure(fig, "Transfer matrix (colour: improvement, clipped to ±100 %)")
+    section.figure(fig, "Transfer matrix (colour: improvement)")
     matrix = rg.matrix_table(summary, cells)
     artifacts.write_csv(out / "tables" / "generalize_matrix.csv", matrix)
     section.table(matrix, "Transfer matrix as a table")
@@ -512,12 +517,10 @@ def _generalize_section(params, root: Path, out: Path, confidence: float):
             )
             section.figure(fig, "Per-cell curves (mean over seeds, band: interval)")
     artifacts.write_csv(out / "tables" / "generalize_summary.csv", summary)
-    final = max(steps)
-    held = verdict[(verdict.step == final) & (verdict.verdict == "held")]
-    headline = (
-        f"Generalization: {len(cells)} meta-test cells; at {final} steps "
-        f"{len(held)} of {len(verdict[verdict.step == final])} claim/metric rows "
-        "held in every cell (details in the generalization section)."
+    headline = "Generalization: " + " ".join(
+        rg.headline(summary, cells, name, steps)
+        for name in ("sine", "mnist")
+        if (cells.experiment == name).any()
     )
     return headline, section
 

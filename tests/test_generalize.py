@@ -302,6 +302,16 @@ def test_summarize_improvement_of_accuracy_is_the_error_reduction():
     assert summary.seeds_won == 3
 
 
+def test_improvement_is_bounded_and_symmetric():
+    assert gz.improvement(1.0, 2.0, "mse") == pytest.approx(0.5)
+    assert gz.improvement(2.0, 1.0, "mse") == pytest.approx(-0.5)
+    assert gz.improvement(1e6, 1.0, "cross_entropy") > -1.0
+    # both perfect: no difference, not 0 / 0
+    assert gz.improvement(1.0, 1.0, "accuracy") == 0.0
+    assert gz.improvement(0.99, 1.0, "accuracy") == pytest.approx(-1.0)
+    assert np.isnan(gz.improvement(float("nan"), 1.0, "mse"))
+
+
 def _with_cell(**changes):
     raw = tiny_params_dict()
     cell = raw["generalize"]["cells"]["mnist_reference"]
@@ -383,3 +393,20 @@ def test_unknown_cell_on_the_command_line_lists_the_cells(
     assert code == 2
     assert "unknown generalization cell 'nope'" in caplog.text
     assert "sine_reference, sine_arch_batchnorm" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("tally", "word"),
+    [
+        ((3, 0, 3), "held"),
+        ((2, 1, 3), "partly held"),
+        ((1, 1, 3), "mixed"),
+        ((0, 2, 3), "did not hold"),
+        ((0, 0, 3), "no clear difference"),
+    ],
+)
+def test_verdict_words(tally, word):
+    from pipeline.report_generalize import verdict
+
+    better, worse, total = tally
+    assert verdict(better, worse, total) == word
