@@ -7,10 +7,10 @@ for sine and MNIST; the landscape, minima, convergence, trajectory and
 outcome tables and the animation for the shaping experiments), the
 meta-training and validation curves under ``models/<experiment>/`` and the
 metrics JSON of earlier stages; ``params.yaml`` section ``generalize`` and
-``results/generalize/<cell>/`` (summary and curves of every cell). Writes ``reports/``: ``report.md``,
-``report.html`` (self-contained), ``figures/`` (PNG, and the GIF) and
-``tables/*.csv`` (the long results table and the display tables). Logged to
-MLflow experiment ``ml3-report``.
+``results/generalize/<cell>/`` (summary and curves of every cell). Writes
+``reports/``: ``report.md``, ``report.html`` (self-contained), ``figures/``
+(PNG, and the GIF) and ``tables/*.csv`` (the long results table and the
+display tables). Logged to MLflow experiment ``ml3-report``.
 """
 
 from __future__ import annotations
