@@ -326,14 +326,16 @@ class GeneralizeSineParams:
 
 @dataclass(frozen=True, kw_only=True)
 class GeneralizeMnistParams:
-    """Shared by every digit-classification cell."""
+    """Shared by every digit-classification cell.
+
+    Every class set is split like ``mnist.prepare`` (its fractions and seed),
+    so the meta-train pair's test split stays held out.
+    """
 
     n_steps: int = _field(gt=0)
     checkpoints: list[int] = _field(gt=0, doc="steps the report compares at")
     n_runs: int = _field(gt=0, doc="classifiers per seed")
     batch_size: int = _field(ge=0, doc="0: the whole training split")
-    split_fractions: list[float] = _field(length=3, gt=0.0)
-    split_seed: int = _field(0, ge=0)
     class_reduction: str = _field(
         "sum", choices=CLASS_REDUCTIONS, doc="K-way: per-class losses summed"
     )
@@ -563,7 +565,7 @@ def _check_ranges(params, where: str):
                 f"{params.n_intermediate_steps}: expected at most horizon = "
                 f"{params.horizon}"
             )
-    if isinstance(params, (MnistPrepareParams, GeneralizeMnistParams)):
+    if isinstance(params, MnistPrepareParams):
         _check_fractions(params.split_fractions, where)
     if isinstance(params, (GeneralizeSineParams, GeneralizeMnistParams)):
         late = [c for c in params.checkpoints if c > params.n_steps]
@@ -675,14 +677,57 @@ def parse_experiment(name: str, raw) -> ExperimentParams:
     return ExperimentParams(seeds=seeds, **sections)
 
 
+def check_reference_cells(generalize: GeneralizeParams, experiments: dict) -> None:
+    """A ``reference`` cell must be its experiment's meta-train setting.
+
+    Same optimizee architecture and meta-test learning rate as the
+    experiment, and for MNIST the meta-train digit pair (whose test split is
+    held out); for sine the meta-test task family of ``sine.prepare``.
+    """
+    for name, cell in generalize.cells.items():
+        if cell.axis != "reference":
+            continue
+        exp = experiments[cell.experiment]
+        arch, data = cell.architecture, cell.dataset
+        where = f"params.yaml: generalize.cells.{name}"
+        wanted = {
+            "architecture.kind": ("mlp", arch.kind),
+            "architecture.hidden_sizes": (
+                exp.optimizee.hidden_sizes,
+                arch.hidden_sizes,
+            ),
+            "architecture.activation": (exp.optimizee.activation, arch.activation),
+            "architecture.norm": ("none", arch.norm),
+            "lr": (exp.evaluate.lr, cell.lr),
+        }
+        if cell.experiment == "mnist":
+            wanted["dataset.classes"] = (exp.prepare.classes, data.classes)
+        else:
+            for key in ("amplitude_range", "phase_range", "x_range"):
+                wanted[f"dataset.{key}"] = (
+                    getattr(exp.prepare, f"test_{key}"),
+                    getattr(data, key),
+                )
+        for key, (expected, got) in wanted.items():
+            if got != expected:
+                raise ParamsError(
+                    f"{where}.{key} = {got!r}: a reference cell is the "
+                    f"{cell.experiment} meta-train setting, expected {expected!r} "
+                    f"(or give the cell another axis)"
+                )
+
+
 def parse_params(raw) -> Params:
     """Validates a whole ``params.yaml`` mapping; see :func:`parse_section`."""
     top = ["runtime", *EXPERIMENTS, "generalize", "report"]
     _check_keys(raw, top, "params.yaml (top level)", top)
+    experiments = {name: parse_experiment(name, raw[name]) for name in EXPERIMENTS}
+    generalize = parse_generalize(raw["generalize"])
+    check_reference_cells(generalize, experiments)
     return Params(
         runtime=parse_section(RuntimeParams, raw["runtime"], "runtime"),
-        experiments={name: parse_experiment(name, raw[name]) for name in EXPERIMENTS},
-        generalize=parse_generalize(raw["generalize"]),
+        experiments=experiments,
+        generalize=generalize,
         report=parse_section(ReportParams, raw["report"], "report"),
     )
 

@@ -110,8 +110,14 @@ class BatchedNet:
         self.layers = layers
 
     @property
-    def norm_layers(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.kind == "norm"]
+    def structure(self) -> str:
+        """The layers' kinds and shapes (what the initial weights depend on)."""
+        return ";".join(
+            f"{layer.kind}:{layer.n_in}x{layer.n_out}k{layer.kernel_size}"
+            f"s{layer.stride}"
+            for layer in self.layers
+            if layer.kind in ("linear", "conv", "norm")
+        )
 
     def init(self, n: int, gen: torch.Generator) -> Params:
         """``n`` parameter sets with torch's default initialization.
@@ -198,10 +204,17 @@ class BatchedNet:
         # statistics per run and channel, over the batch (and image positions)
         dims = (1,) if h.dim() == 3 else (1, 3, 4)
         view = (h.shape[0], 1, -1) if h.dim() == 3 else (h.shape[0], 1, -1, 1, 1)
+        if bn_eval not in ("running", "batch"):
+            raise ValueError(f"unknown bn_eval {bn_eval!r}; valid: running, batch")
         if train or bn_eval == "batch":
+            count = h.numel() // (h.shape[0] * h.shape[2])
+            if count < 2:
+                raise ValueError(
+                    "BatchNorm needs more than one value per channel in a batch "
+                    f"(got {count}); use a larger batch_size"
+                )
             mean = h.mean(dim=dims)
             var = h.var(dim=dims, unbiased=False)
-            count = h.numel() // (h.shape[0] * h.shape[2])
             unbiased = var.detach() * count / max(count - 1, 1)
             batch_stats[f"{layer.name}.mean"] = mean.detach()
             batch_stats[f"{layer.name}.var"] = unbiased
@@ -308,11 +321,13 @@ def ce_rows(logits, labels):
 
 
 def accuracy_rows(logits, labels):
+    """1 for a right guess, 0 for a wrong one, NaN where the logits diverged."""
     if logits.shape[-1] == 1:
         guess = (logits.squeeze(-1) > 0).to(labels.dtype)
     else:
         guess = logits.argmax(-1).to(labels.dtype)
-    return (guess == labels).to(logits.dtype)
+    right = (guess == labels).to(logits.dtype)
+    return torch.where(torch.isfinite(logits).all(-1), right, torch.nan)
 
 
 def per_run(rows_fn, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -412,21 +427,21 @@ def load_digit_source(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...
     return x, bunch.target.astype(np.int64), (1, 8, 8)
 
 
-def digits_task(dataset, shared) -> Task:
+def digits_task(dataset, shared, prepare) -> Task:
     """A digit classification task: a class pair (binary) or K classes.
 
-    The split (stratified, ``shared.split_fractions`` and ``split_seed``) is
-    the one the MNIST ``prepare`` stage makes with the same settings, so the
-    meta-train pair's cell meta-tests on its held-out test split. Training
-    uses the train split; ``test`` is reported.
+    The split is stratified with the fractions and seed of ``prepare`` (the
+    ``mnist.prepare`` section), so the meta-train pair's cell meta-tests on
+    its held-out test split. Training uses the train split; ``test`` is
+    reported.
     """
     x, y, shape = load_digit_source(dataset.name)
     arrays = datasets.split_digits(
         x,
         y,
         classes=dataset.classes,
-        fractions=shared.split_fractions,
-        seed=shared.split_seed,
+        fractions=prepare.split_fractions,
+        seed=prepare.split_seed,
     )
     t = {k: torch.from_numpy(v) for k, v in arrays.items() if not k.startswith("index")}
     binary = len(dataset.classes) == 2
@@ -576,24 +591,31 @@ def shared_settings(params, experiment: str):
     return getattr(params, experiment)
 
 
-def build_task(cell, shared, seed: int) -> Task:
-    """The cell's data for ``seed`` (sine tasks depend on it; digits do not)."""
+def build_task(cell, shared, prepare, seed: int) -> Task:
+    """The cell's data for ``seed`` (sine tasks depend on it; digits do not).
+
+    ``prepare`` is the experiment's ``prepare`` section (the MNIST split).
+    """
     if cell.dataset.name == "sine":
         return sine_task(cell.dataset, shared, seed)
-    return digits_task(cell.dataset, shared)
+    return digits_task(cell.dataset, shared, prepare)
 
 
-def run_cell_seed(cell, shared, learned: LearnedLoss, seed: int) -> pd.DataFrame:
+def run_cell_seed(
+    cell, shared, prepare, learned: LearnedLoss, seed: int
+) -> pd.DataFrame:
     """One seed of a cell: the learned loss and the standard loss, paired.
 
-    The initial weights and data order depend on the seed, the architecture
-    and the dataset, not on the learning rate: the learning-rate cells start
-    from the reference cell's weights.
+    The initial weights and data order depend on the seed, the layer shapes
+    and the dataset, not on the activation or the learning rate: those cells
+    start from the reference cell's weights in its data order.
     """
-    task = build_task(cell, shared, seed)
+    task = build_task(cell, shared, prepare, seed)
     net = BatchedNet(cell.architecture, task.input_shape, task.n_outputs)
     reduction = getattr(shared, "class_reduction", "sum")
-    init_key = f"{cell.architecture}/{cell.dataset}"
+    # the layer shapes, not the activation: tanh and GELU cells start from the
+    # reference cell's weights
+    init_key = f"{net.structure}/{cell.dataset}"
     frozen = learned.requires_grad_(False)  # phi is fixed at meta-test
     return run_seed(
         net,
@@ -642,15 +664,25 @@ def summarize(curves: pd.DataFrame, steps, confidence: float) -> pd.DataFrame:
     ``learned - baseline`` with its interval, the seeds and the single runs
     won by the learned loss, the paired t-test's p, and ``improvement``
     (:func:`improvement`).
+
+    A run whose loss diverged (NaN) is not averaged away: its seed's mean is
+    NaN, the statistics are NaN, and ``diverged_learned`` /
+    ``diverged_baseline`` count such runs. If only one method diverged it
+    loses the cell outright: ``improvement`` is -1 (or +1) and the cell
+    counts as decided (``interval_excludes_zero``).
     """
     baseline = baseline_of(curves)
     rows = []
     for (step, split, metric), group in curves[curves.step.isin(steps)].groupby(
         ["step", "split", "metric"]
     ):
-        per_seed = group.groupby(["method", "seed"]).value.mean().unstack("method")
-        per_run = group.pivot_table(
-            index=["seed", "task", "run"], columns="method", values="value"
+        per_seed = (
+            group.groupby(["method", "seed"])
+            .value.apply(lambda v: v.mean(skipna=False))
+            .unstack("method")
+        )
+        per_run = group.set_index(["seed", "task", "run", "method"]).value.unstack(
+            "method"
         )
         lower = LOWER_IS_BETTER[metric]
         seeds = paired_summary(
@@ -659,15 +691,23 @@ def summarize(curves: pd.DataFrame, steps, confidence: float) -> pd.DataFrame:
             lower_is_better=lower,
             confidence=confidence,
         )
-        runs = paired_summary(
-            per_run["learned"],
-            per_run[baseline],
-            lower_is_better=lower,
-            confidence=confidence,
-        )
+        # a diverged run counts as the worst possible one
+        worst = math.inf if lower else -math.inf
+        run_learned = per_run["learned"].fillna(worst)
+        run_baseline = per_run[baseline].fillna(worst)
+        run_wins = run_learned < run_baseline if lower else run_learned > run_baseline
         learned = mean_ci(per_seed["learned"], confidence)
         base = mean_ci(per_seed[baseline], confidence)
-        excludes_zero = bool(seeds["diff_low"] > 0 or seeds["diff_high"] < 0)
+        diverged = {
+            name: int(per_run[column].isna().sum())
+            for name, column in (("learned", "learned"), ("baseline", baseline))
+        }
+        gain = improvement(learned[0], base[0], metric)
+        decided = bool(seeds["diff_low"] > 0 or seeds["diff_high"] < 0)
+        if diverged["learned"] and not diverged["baseline"]:
+            gain, decided = -1.0, True
+        elif diverged["baseline"] and not diverged["learned"]:
+            gain, decided = 1.0, True
         rows.append(
             {
                 "step": int(step),
@@ -683,12 +723,13 @@ def summarize(curves: pd.DataFrame, steps, confidence: float) -> pd.DataFrame:
                 **{k: seeds[k] for k in ("diff_mean", "diff_low", "diff_high")},
                 "seeds_won": seeds["wins"],
                 "n_seeds": seeds["n_pairs"],
-                "runs_won": runs["wins"],
-                "n_runs": runs["n_pairs"],
+                "runs_won": int(run_wins.sum()),
+                "n_runs": len(per_run),
                 "p_value": seeds["p_value"],
-                "improvement": improvement(learned[0], base[0], metric),
-                "interval_excludes_zero": excludes_zero,
-                "n_diverged": int(group.value.isna().sum()),
+                "improvement": gain,
+                "interval_excludes_zero": decided,
+                "diverged_learned": diverged["learned"],
+                "diverged_baseline": diverged["baseline"],
             }
         )
     return pd.DataFrame(rows)

@@ -4,7 +4,8 @@
 cell's experiment (``models/<experiment>/seed_<s>/``, one per seed) on the
 cell's architecture, dataset and learning rate, against the standard loss,
 from the same initial weights and data order. Reads ``params.yaml`` sections
-``runtime``, ``report.confidence``, ``<experiment>.seeds``,
+``runtime.n_threads``, ``report.confidence``, ``<experiment>.seeds``,
+``<experiment>.prepare`` (the MNIST split),
 ``generalize.<experiment>`` (shared by the experiment's cells) and
 ``generalize.cells.<cell>``. Writes ``results/generalize/<cell>/``:
 ``curves.csv`` (method, seed, task, run, step, split, metric, value at
@@ -59,12 +60,14 @@ def run(cell_name: str, params_path: Path, root: Path) -> None:
     experiment = cell.experiment
     shared = gz.shared_settings(params.generalize, experiment)
     seeds = params.experiments[experiment].seeds
+    prepare = params.experiments[experiment].prepare
     runtime.configure("cpu", params.runtime.n_threads)
     layout = Layout(root)
     section = {
-        "runtime": as_dict(params.runtime),
+        "n_threads": params.runtime.n_threads,
         "confidence": params.report.confidence,
         "seeds": seeds,
+        "prepare": as_dict(prepare),
         "shared": as_dict(shared),
         "cell": as_dict(cell),
     }
@@ -84,7 +87,7 @@ def run(cell_name: str, params_path: Path, root: Path) -> None:
                 seed_dir(layout.models(experiment), seed)
             )
             with tracking.seed_run(stage, seed):
-                curves = gz.run_cell_seed(cell, shared, learned, seed)
+                curves = gz.run_cell_seed(cell, shared, prepare, learned, seed)
                 tracking.log_mean_curves(curves)
             frames.append(curves)
         table = pd.concat(frames, ignore_index=True).assign(cell=cell_name)

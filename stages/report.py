@@ -455,10 +455,12 @@ def _generalize_section(params, root: Path, out: Path, confidence: float):
         "Each learned loss of the sine and MNIST experiments (one per seed, "
         "meta-trained in one setting) is used, frozen, to train fresh optimizees "
         "in settings it never saw: other architectures, datasets or task "
-        "families, learning rates, and far more steps than the one it was "
-        "meta-trained through. Every cell trains the same initial weights in "
-        "the same data order with the learned loss and with the standard loss "
-        f"(MSE; cross-entropy) for {shared.sine.n_steps} (sine) and "
+        "families, learning rates, and far more steps than the "
+        f"{params.experiments['sine'].meta_train.n_inner_steps} (sine) and "
+        f"{params.experiments['mnist'].meta_train.n_inner_steps} (MNIST) inner "
+        "steps it was meta-trained through. Every cell trains the same initial "
+        "weights in the same data order with the learned loss and with the "
+        f"standard loss (MSE; cross-entropy) for {shared.sine.n_steps} (sine) and "
         f"{shared.mnist.n_steps} (MNIST) plain SGD steps, at the cell's "
         f"learning rate; seeds: {seeds}. Sine: {shared.sine.n_tasks} tasks per "
         f"seed, MSE on {shared.sine.n_heldout_points} held-out points; MNIST: "
@@ -471,6 +473,11 @@ def _generalize_section(params, root: Path, out: Path, confidence: float):
         "normalize training batches with their own statistics and evaluation "
         "with the running statistics ('running') or the evaluated set's own "
         "('batch'), as each cell declares."
+    )
+    section.text(
+        "A run whose loss diverged is not averaged away: the method that diverged "
+        "loses the cell (improvement -100 %), and the per-cell tables count the "
+        "diverged runs."
     )
     section.text(
         "Improvement = (baseline - learned) / max(baseline, learned) of the loss, "

@@ -142,10 +142,10 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert "mlp 64 tanh" in (repo_copy / "reports" / "report.md").read_text()
 
     # one cell's learning rate changed: only that cell reruns
-    params["generalize"]["cells"]["sine_lr_003"]["lr"] = 0.002
+    params["generalize"]["cells"]["sine_lr_3e_3"]["lr"] = 0.002
     write_params(repo_copy / "params.yaml", params)
     sixth = _run(["dvc", "repro"], repo_copy)
-    assert _ran(sixth) == {"generalize@sine_lr_003", "report"}, sixth
+    assert _ran(sixth) == {"generalize@sine_lr_3e_3", "report"}, sixth
 
 
 def test_dvc_experiment_in_temp_copy_logs_to_repository_store(repo_copy):

@@ -49,6 +49,11 @@ def tiny_params_dict() -> dict:
     )
     gen["mnist"].update(n_steps=4, checkpoints=[2, 4], n_runs=2, batch_size=16)
     gen["cells"] = {name: gen["cells"][name] for name in TINY_CELLS}
+    # the reference cells follow the shrunk meta-train optimizees
+    for name in ("sine", "mnist"):
+        gen["cells"][f"{name}_reference"]["architecture"]["hidden_sizes"] = params[
+            name
+        ]["optimizee"]["hidden_sizes"]
     return params
 
 
@@ -57,7 +62,7 @@ def tiny_params_dict() -> dict:
 TINY_CELLS = (
     "sine_reference",
     "sine_arch_batchnorm",
-    "sine_lr_003",
+    "sine_lr_3e_3",
     "mnist_reference",
     "mnist_arch_cnn",
     "mnist_data_ten_way",
