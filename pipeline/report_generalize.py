@@ -412,3 +412,44 @@ def headline(summary, cells, experiment, steps) -> str:
         + ", ".join(parts)
         + "."
     )
+
+
+def loss_minimizers(models: Path, seeds, experiment: str) -> pd.DataFrame:
+    """Where each seed's learned loss is lowest, as a function of the prediction.
+
+    Sine: the minimizing prediction over a fine grid for targets +-1, +-2, +-4,
+    as a fraction of the target. MNIST: the minimizing probability for label
+    0 and for label 1 (over logits in [-12, 12]). A loss whose minimum is not
+    at the target keeps pulling the optimizee away from the MSE or
+    cross-entropy optimum however long it trains.
+    """
+    import torch
+
+    from pipeline.artifacts import load_learned_loss
+
+    rows = []
+    for seed in seeds:
+        loss = load_learned_loss(models / f"seed_{seed}")
+        with torch.no_grad():
+            if experiment == "sine":
+                grid = torch.linspace(-10.0, 10.0, 4001)
+                ratios = []
+                for target in (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0):
+                    values = loss.pointwise(grid, torch.full_like(grid, target))
+                    ratios.append(grid[values.argmin()].item() / target)
+                rows.append(
+                    {
+                        "seed": seed,
+                        "minimizer / target (mean)": round(float(np.mean(ratios)), 3),
+                        "range": f"{min(ratios):.3f} to {max(ratios):.3f}",
+                    }
+                )
+            else:
+                logits = torch.linspace(-12.0, 12.0, 4801)
+                row = {"seed": seed}
+                for label in (0.0, 1.0):
+                    values = loss.pointwise(logits, torch.full_like(logits, label))
+                    best = torch.sigmoid(logits[values.argmin()]).item()
+                    row[f"minimizing probability, label {label:.0f}"] = round(best, 3)
+                rows.append(row)
+    return pd.DataFrame(rows)

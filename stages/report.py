@@ -501,6 +501,24 @@ def _generalize_section(params, root: Path, out: Path, confidence: float):
         sentence = rg.horizon_sentence(summary, curves, cells, name, steps)
         if sentence:
             section.text(sentence)
+    models = root / "models"
+    for name, caption in (
+        (
+            "sine",
+            "Where the sine learned loss is lowest: the minimizing prediction as "
+            "a fraction of the target (MSE: 1)",
+        ),
+        (
+            "mnist",
+            "Where the MNIST learned loss is lowest: the minimizing probability "
+            "(cross-entropy: 0 for label 0, 1 for label 1)",
+        ),
+    ):
+        minimizers = rg.loss_minimizers(models / name, seeds[name], name)
+        artifacts.write_csv(
+            out / "tables" / f"generalize_{name}_minimizers.csv", minimizers
+        )
+        section.table(minimizers, caption)
     fig = rg.plot_matrix(summary, cells, out / "figures" / "generalize_matrix.png")
     section.figure(fig, "Transfer matrix (colour: improvement)")
     matrix = rg.matrix_table(summary, cells)

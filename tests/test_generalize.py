@@ -548,3 +548,25 @@ def test_a_reference_cell_must_be_the_meta_train_setting():
     raw["generalize"]["cells"]["mnist_reference"]["dataset"]["classes"] = [3, 5]
     with pytest.raises(ParamsError, match=r"dataset.classes = \[3, 5\]"):
         parse_params(raw)
+
+
+@pytest.mark.parametrize("experiment", ["sine", "mnist"])
+def test_loss_minimizers_find_the_minimum_of_a_known_loss(tmp_path, experiment):
+    """|p - y| as a learned loss: minimum at the target (probability 0 or 1)."""
+    from pipeline import artifacts
+    from pipeline.report_generalize import loss_minimizers
+
+    transform = "sigmoid" if experiment == "mnist" else "identity"
+    loss = LearnedLoss(
+        2, (2,), bias=False, output_activation="none", prediction_transform=transform
+    )
+    with torch.no_grad():
+        loss.net[0].weight.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+        loss.net[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+    artifacts.save_learned_loss(tmp_path / "seed_3", loss)
+    table = loss_minimizers(tmp_path, [3], experiment)
+    if experiment == "sine":
+        assert table["minimizer / target (mean)"].item() == pytest.approx(1.0)
+    else:
+        assert table["minimizing probability, label 0"].item() == pytest.approx(0.0)
+        assert table["minimizing probability, label 1"].item() == pytest.approx(1.0)

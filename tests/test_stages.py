@@ -340,6 +340,9 @@ def test_report_has_the_transfer_matrix_and_verdicts(pipeline_run):
     claims = set(verdicts.claim)
     assert "carries to unseen architectures" in claims
     assert "carries to other learning rates" in claims
+    minimizers = pd.read_csv(reports / "tables" / "generalize_sine_minimizers.csv")
+    assert list(minimizers.seed) == [0, 1]
+    assert np.isfinite(minimizers["minimizer / target (mean)"]).all()
     matrix = pd.read_csv(reports / "tables" / "generalize_matrix.csv")
     # one row per cell and matrix metric: 3 sine cells, 4 MNIST cells x 2
     assert len(matrix) == 3 + 4 * 2
