@@ -407,7 +407,7 @@ def headline(summary, cells, experiment, steps) -> str:
         better, worse, neither = _tally(summary, names, split, metric, step)
         parts.append(f"{better} better / {worse} worse at {step} steps")
     return (
-        f"the {TITLES[experiment]} against the standard loss on {len(names)} unseen "
+        f"The {TITLES[experiment]} against the standard loss on {len(names)} unseen "
         f"settings ({split} {metric}, interval over seeds excluding zero): "
         + ", ".join(parts)
         + "."
