@@ -82,6 +82,13 @@ def _mark(row) -> str:
     return "+" if row.improvement > 0 else "-"
 
 
+def _select(summary: pd.DataFrame, cell: str, split: str, metric: str):
+    """The summary rows of one cell, split and metric (one per checkpoint)."""
+    return summary[
+        (summary.cell == cell) & (summary.split == split) & (summary.metric == metric)
+    ]
+
+
 def matrix_table(summary: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     """Improvement per cell (rows) and checkpoint (columns), every matrix metric.
 
@@ -92,11 +99,7 @@ def matrix_table(summary: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for cell in cells.itertuples():
         for split, metric in MATRIX_METRICS[cell.experiment]:
-            sel = summary[
-                (summary.cell == cell.cell)
-                & (summary.split == split)
-                & (summary.metric == metric)
-            ]
+            sel = _select(summary, cell.cell, split, metric)
             row = {
                 "experiment": cell.experiment,
                 "axis": cell.axis,
@@ -114,11 +117,7 @@ def detail_table(summary: pd.DataFrame, cells: pd.DataFrame, experiment: str):
     rows = []
     for cell in cells[cells.experiment == experiment].itertuples():
         for split, metric in MATRIX_METRICS[experiment]:
-            sel = summary[
-                (summary.cell == cell.cell)
-                & (summary.split == split)
-                & (summary.metric == metric)
-            ]
+            sel = _select(summary, cell.cell, split, metric)
             for r in sel.sort_values("step").itertuples():
                 rows.append(
                     {
@@ -169,11 +168,7 @@ def plot_matrix(summary: pd.DataFrame, cells: pd.DataFrame, path: Path) -> Path:
             split, metric = MATRIX_METRICS[exp][col]
             grid = np.full((len(these), len(steps)), np.nan)
             for i, cell in enumerate(these.itertuples()):
-                sel = summary[
-                    (summary.cell == cell.cell)
-                    & (summary.split == split)
-                    & (summary.metric == metric)
-                ]
+                sel = _select(summary, cell.cell, split, metric)
                 for r in sel.itertuples():
                     j = steps.index(r.step)
                     grid[i, j] = r.improvement
@@ -266,12 +261,8 @@ def plot_cell_curves(
 
 
 def _at(summary, cell, split, metric, step):
-    sel = summary[
-        (summary.cell == cell)
-        & (summary.split == split)
-        & (summary.metric == metric)
-        & (summary.step == step)
-    ]
+    sel = _select(summary, cell, split, metric)
+    sel = sel[sel.step == step]
     return sel.iloc[0] if len(sel) else None
 
 

@@ -449,7 +449,8 @@ def _generalize_section(params, root: Path, out: Path, confidence: float):
     cells = rg.cell_table(params.generalize.cells)
     summary, curves = rg.read_cells(root, params.generalize.cells)
     steps = sorted(summary.step.unique())
-    seeds = {e: params.experiments[e].seeds for e in set(cells.experiment)}
+    # in grid order: a set's order changes from run to run
+    seeds = {e: params.experiments[e].seeds for e in cells.experiment.unique()}
     shared = params.generalize
     section.text(
         "Each learned loss of the sine and MNIST experiments (one per seed, "

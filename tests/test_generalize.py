@@ -32,6 +32,12 @@ def _loss_for(experiment: str) -> LearnedLoss:
     return LearnedLoss(2, (8, 8), bias=True, prediction_transform=transform)
 
 
+def _long(values, step: int, split: str, metric: str) -> pd.DataFrame:
+    """Curves rows from ``(method, seed, run, value)`` tuples at one step."""
+    frame = pd.DataFrame(values, columns=["method", "seed", "run", "value"])
+    return frame.assign(task=0, step=step, split=split, metric=metric)
+
+
 @pytest.mark.parametrize(
     "name", list(load_params(REPO / "params.yaml").generalize.cells)
 )
@@ -260,23 +266,13 @@ def test_log_steps_cover_the_checkpoints():
 
 
 def test_summarize_pairs_seeds_and_marks_the_interval():
-    rows = []
-    for seed in range(5):
-        for run in range(2):
-            for method, value in (("learned", 1.0 + 0.01 * seed), ("mse", 2.0)):
-                rows.append(
-                    dict(
-                        method=method,
-                        seed=seed,
-                        task=0,
-                        run=run,
-                        step=10,
-                        split="heldout",
-                        metric="mse",
-                        value=value,
-                    )
-                )
-    summary = gz.summarize(pd.DataFrame(rows), [10], 0.95).iloc[0]
+    values = [
+        (method, seed, run, value)
+        for seed in range(5)
+        for run in range(2)
+        for method, value in (("learned", 1.0 + 0.01 * seed), ("mse", 2.0))
+    ]
+    summary = gz.summarize(_long(values, 10, "heldout", "mse"), [10], 0.95).iloc[0]
     assert summary.seeds_won == 5 and summary.runs_won == 10
     assert summary.diff_mean == pytest.approx(-0.98)
     assert summary.interval_excludes_zero
@@ -284,21 +280,12 @@ def test_summarize_pairs_seeds_and_marks_the_interval():
 
 
 def test_summarize_improvement_of_accuracy_is_the_error_reduction():
-    rows = [
-        dict(
-            method=m,
-            seed=s,
-            task=0,
-            run=0,
-            step=1,
-            split="test",
-            metric="accuracy",
-            value=v,
-        )
+    values = [
+        (m, s, 0, v)
         for s in range(3)
         for m, v in (("learned", 0.98), ("cross_entropy", 0.96))
     ]
-    summary = gz.summarize(pd.DataFrame(rows), [1], 0.95).iloc[0]
+    summary = gz.summarize(_long(values, 1, "test", "accuracy"), [1], 0.95).iloc[0]
     assert summary.improvement == pytest.approx(0.5)
     assert summary.seeds_won == 3
 
@@ -464,27 +451,16 @@ def test_per_class_loss_with_two_classes_is_the_binary_loss_on_both_sides():
 
 
 def test_diverged_runs_lose_the_cell_instead_of_being_averaged_away():
-    rows = []
-    for seed in range(3):
-        for run in range(2):
-            diverged = seed == 0 and run == 1
-            for method, value in (
-                ("learned", np.nan if diverged else 0.1),
-                ("mse", 0.2),
-            ):
-                rows.append(
-                    dict(
-                        method=method,
-                        seed=seed,
-                        task=0,
-                        run=run,
-                        step=5,
-                        split="heldout",
-                        metric="mse",
-                        value=value,
-                    )
-                )
-    summary = gz.summarize(pd.DataFrame(rows), [5], 0.95).iloc[0]
+    values = [
+        (method, seed, run, value)
+        for seed in range(3)
+        for run in range(2)
+        for method, value in (
+            ("learned", np.nan if (seed, run) == (0, 1) else 0.1),
+            ("mse", 0.2),
+        )
+    ]
+    summary = gz.summarize(_long(values, 5, "heldout", "mse"), [5], 0.95).iloc[0]
     assert summary.diverged_learned == 1 and summary.diverged_baseline == 0
     assert summary.improvement == -1.0 and summary.interval_excludes_zero
     assert np.isnan(summary.learned_mean)
