@@ -20,11 +20,25 @@ import yaml
 
 from pipeline import nets
 
-EXPERIMENTS = ("sine", "mnist", "frequency", "mountain_car")
+EXPERIMENTS = (
+    "sine",
+    "mnist",
+    "frequency",
+    "mountain_car",
+    "reacher",
+    "goal_point_mass",
+    "goal_reacher",
+)
 # experiments whose task loss may use information withheld from the learned
 # loss; each meta-trains one learned loss per variant and seed
 SHAPING_EXPERIMENTS = ("frequency", "mountain_car")
 VARIANTS = ("shaped", "unshaped")
+# reinforcement learning: the model-based reacher, and model-free goal
+# reaching with a point mass and with the reacher
+GOAL_EXPERIMENTS = ("goal_point_mass", "goal_reacher")
+RL_EXPERIMENTS = ("reacher", *GOAL_EXPERIMENTS)
+# the reacher's learned losses: ours, and the authors' settings (collapse check)
+REACHER_VARIANTS = ("ml3", "authors")
 ACTIVATIONS = tuple(nets.ACTIVATIONS)
 INITS = nets.INITS
 OUTPUT_ACTIVATIONS = nets.OUTPUT_ACTIVATIONS
@@ -227,6 +241,132 @@ class MountainCarEvaluateParams:
     animation_fps: int = _field(10, gt=0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReacherPrepareParams:
+    """The MuJoCo reacher task: goals, horizon, task loss and random data.
+
+    Goals are fingertip targets at a distance from the base in
+    ``goal_radius_range`` (the arm reaches 0.21 m); the joint-space goal is
+    their elbow-down inverse kinematics. The arm starts at rest, stretched
+    along the x axis. Training goals are drawn per seed; the held-out goals
+    are one fixed spiral over the workspace, the same for every seed.
+    """
+
+    horizon: int = _field(65, gt=0, doc="time steps of 0.02 s per rollout")
+    n_train_goals: int = _field(gt=0)
+    n_test_goals: int = _field(gt=0, doc="held-out goals, spread over the workspace")
+    goal_radius_range: list[float] = _field(length=2, gt=0.0, le=0.21)
+    final_weight: float = _field(10.0, ge=0.0, doc="weight of the final distance")
+    velocity_weight: float = _field(0.01, ge=0.0, doc="weight of the mean speed^2")
+    n_random_rollouts: int = _field(gt=0, doc="random-torque rollouts (first model)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLPolicyParams:
+    """A policy MLP over (state, goal); Gaussian with a learned std if model-free."""
+
+    hidden_sizes: list[int] = _field(gt=0)
+    activation: str = _field("tanh", choices=ACTIVATIONS)
+    initial_log_std: float = _field(-0.5, doc="model-free only: log std at start")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReacherMetaTrainParams:
+    """Meta-training through a learned dynamics model, which is refreshed.
+
+    Each outer iteration draws ``tasks_per_iteration`` training goals and a
+    fresh policy per goal, then takes ``unrolls_per_task`` one-step unrolls
+    in sequence, an Adam step on phi after each. ``authors_*``: the settings
+    of the authors' code, meta-trained as variant ``authors`` for
+    ``authors_seeds`` to show whether it collapses.
+    """
+
+    n_outer_iterations: int = _field(gt=0)
+    outer_lr: float = _field(gt=0.0)
+    inner_lr: float = _field(gt=0.0)
+    tasks_per_iteration: int = _field(1, ge=1)
+    unrolls_per_task: int = _field(1, ge=1)
+    normalize_inputs: bool = _field(True, doc="standardize the learned loss inputs")
+    authors_seeds: list[int] = _field(
+        ge=0, allow_empty=True, doc="seeds that also run the authors' settings"
+    )
+    authors_outer_lr: float = _field(0.01, gt=0.0)
+    authors_inner_lr: float = _field(1.0e-4, gt=0.0)
+    authors_normalize_inputs: bool = _field(False)
+    collapse_tolerance: float = _field(
+        1.0e-6, gt=0.0, doc="relative spread or gradient below it: collapsed"
+    )
+    ensemble_size: int = _field(3, ge=1)
+    model_hidden_sizes: list[int] = _field(gt=0)
+    model_epochs: int = _field(gt=0, doc="epochs on the random-torque data")
+    model_lr: float = _field(1.0e-3, gt=0.0)
+    model_batch_size: int = _field(256, gt=0)
+    refresh_every: int = _field(0, ge=0, doc="0: never refresh the model")
+    refresh_rollouts: int = _field(8, ge=1, doc="policy rollouts added per refresh")
+    refresh_epochs: int = _field(5, ge=1)
+    validate_every: int = _field(25, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReacherEvaluateParams:
+    """Meta-test on held-out goals: a fresh policy, SGD on each objective.
+
+    Both objectives are computed on rollouts of the real simulator, with
+    gradients through the learned dynamics model; the direct baseline
+    descends the task loss itself, with the learning rate of ``direct_lrs``
+    that is best on the training goals.
+    """
+
+    n_steps: int = _field(gt=0)
+    report_steps: list[int] = _field(ge=0, doc="meta-test steps in the tables")
+    lr: float = _field(gt=0.0, doc="SGD lr on the learned loss")
+    direct_lrs: list[float] = _field(gt=0.0)
+    success_radius: float = _field(0.02, gt=0.0, doc="fingertip to goal, metres")
+    animation_fps: int = _field(20, gt=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GoalPrepareParams:
+    """A goal-conditioned model-free task: goals, horizon and success radius.
+
+    The point mass reaches goals in the plane from the origin; the reacher
+    puts its fingertip on a target. Training goals are drawn per seed, the
+    held-out goals are one fixed spiral over ``goal_radius_range``.
+    """
+
+    horizon: int = _field(gt=0)
+    n_train_goals: int = _field(gt=0)
+    n_test_goals: int = _field(gt=0)
+    goal_radius_range: list[float] = _field(length=2, gt=0.0)
+    success_radius: float = _field(gt=0.0, doc="final distance counted as reached")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GoalMetaTrainParams:
+    """Outer loop: the REINFORCE task loss of fresh episodes after each step."""
+
+    n_outer_iterations: int = _field(gt=0)
+    outer_lr: float = _field(gt=0.0)
+    inner_lr: float = _field(gt=0.0)
+    tasks_per_iteration: int = _field(1, ge=1)
+    unrolls_per_task: int = _field(1, ge=1)
+    episodes_per_update: int = _field(gt=0)
+    collapse_tolerance: float = _field(1.0e-6, gt=0.0)
+    validate_every: int = _field(25, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GoalEvaluateParams:
+    """Meta-test: learned loss vs REINFORCE with a baseline, equal env steps."""
+
+    n_updates: int = _field(gt=0)
+    episodes_per_update: int = _field(gt=0)
+    lr: float = _field(gt=0.0, doc="SGD lr on the learned loss")
+    baseline_lrs: list[float] = _field(
+        gt=0.0, doc="REINFORCE Adam lrs; the best on the training goals is used"
+    )
+
+
 GENERALIZE_EXPERIMENTS = ("sine", "mnist")
 AXES = ("reference", "architecture", "dataset", "lr")
 NORMS = ("none", "batchnorm")
@@ -405,6 +545,18 @@ SCHEMAS = {
         ShapingMetaTrainParams,
         MountainCarEvaluateParams,
     ),
+    "reacher": _schema(
+        ReacherPrepareParams,
+        RLPolicyParams,
+        ReacherMetaTrainParams,
+        ReacherEvaluateParams,
+    ),
+    **{
+        name: _schema(
+            GoalPrepareParams, RLPolicyParams, GoalMetaTrainParams, GoalEvaluateParams
+        )
+        for name in GOAL_EXPERIMENTS
+    },
 }
 EXPERIMENT_SECTIONS = ("seeds", *SCHEMAS["sine"])
 
@@ -567,6 +719,13 @@ def _check_ranges(params, where: str):
             )
     if isinstance(params, MnistPrepareParams):
         _check_fractions(params.split_fractions, where)
+    if isinstance(params, ReacherEvaluateParams):
+        late = [s for s in params.report_steps if s > params.n_steps]
+        if late:
+            raise ParamsError(
+                f"params.yaml: {where}.report_steps = {params.report_steps}: "
+                f"expected steps up to n_steps = {params.n_steps}"
+            )
     if isinstance(params, (GeneralizeSineParams, GeneralizeMnistParams)):
         late = [c for c in params.checkpoints if c > params.n_steps]
         if late:

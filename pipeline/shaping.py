@@ -64,6 +64,7 @@ def meta_train(
     generator: torch.Generator,
     validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     progress: bool = False,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> MetaTrainResult:
     """Meta-trains ``learned_loss`` in place (see the module docstring).
 
@@ -77,6 +78,9 @@ def meta_train(
         SGD step descends; it must feed the learned loss only what the
         environment provides at meta-test.
       task_loss: scores the iterate after the inner step.
+      on_iteration: called with the iteration number after each outer
+        iteration's updates, before validation (the reacher refreshes its
+        dynamics model there).
 
     Raises:
       FloatingPointError: if a task loss or a meta-gradient is not finite.
@@ -136,6 +140,8 @@ def meta_train(
         )
         if progress:
             bar.set_postfix(task_loss=f"{history[-1]['task_loss']:.4f}")
+        if on_iteration is not None:
+            on_iteration(iteration)
         if validate is not None and (
             iteration % schedule.validate_every == 0 or iteration == n_outer_iterations
         ):
