@@ -833,6 +833,13 @@ def parse_experiment(name: str, raw) -> ExperimentParams:
         key: parse_section(cls, raw[key], f"{name}.{key}")
         for key, cls in SCHEMAS[name].items()
     }
+    if name == "reacher":
+        extra = sorted(set(sections["meta_train"].authors_seeds) - set(seeds))
+        if extra:
+            raise ParamsError(
+                f"params.yaml: reacher.meta_train.authors_seeds has {extra}, which "
+                f"are not in reacher.seeds = {seeds}: expected a subset of the seeds"
+            )
     return ExperimentParams(seeds=seeds, **sections)
 
 

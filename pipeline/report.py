@@ -27,6 +27,9 @@ TITLES = {
     "mnist": "Binary MNIST",
     "frequency": "Shaped sine frequency",
     "mountain_car": "Mountain car with an intermediate goal",
+    "reacher": "Model-based RL: the MuJoCo reacher",
+    "goal_point_mass": "Model-free RL: point mass reaching goals",
+    "goal_reacher": "Model-free RL: reacher reaching goals",
 }
 # final meta-test MSE on the training points, mean +- sd over 5 seeds,
 # measured by running the authors' public code (facebookresearch/LearningToLearn)

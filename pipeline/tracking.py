@@ -220,6 +220,13 @@ def log_metrics(metrics: dict[str, float], step: int = 0) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def set_tags(run_id: str, tags: dict) -> None:
+    """Sets tags on a run, also one that has ended (a failed nested run)."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
 def log_artifacts(path: str | Path, artifact_path: str | None = None) -> None:
     """Logs a file or a folder as artifacts of the active run."""
     path = Path(path)

@@ -13,6 +13,15 @@ the unshaped learned loss and a baseline (MSE; the direct distance-to-goal
 objective) are meta-tested from the same starts: ``frequency`` writes
 ``landscape.csv``, ``minima.csv`` and ``convergence.csv``; ``mountain_car``
 writes ``trajectories.csv``, ``outcomes.csv`` and ``animation.gif``.
+
+The reinforcement-learning experiments meta-test on held-out goals from
+fresh policies. ``reacher``: the learned loss against descending the task
+loss directly, both on real-simulator rollouts with gradients through the
+seed's learned dynamics model; writes ``outcomes.csv``,
+``trajectories.csv``, ``direct_lr.csv`` and ``animation.gif``.
+``goal_point_mass`` and ``goal_reacher``: the learned loss against
+REINFORCE with a baseline for the same environment steps; writes
+``curves.csv``, ``paths.csv`` and ``baseline_lr.csv``.
 """
 
 from __future__ import annotations
@@ -24,8 +33,17 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline import artifacts, frequency, mountain_car, runtime, tracking
+from pipeline import (
+    artifacts,
+    frequency,
+    goal_reaching,
+    mountain_car,
+    reacher,
+    runtime,
+    tracking,
+)
 from pipeline.config import (
+    RL_EXPERIMENTS,
     SHAPING_EXPERIMENTS,
     VARIANTS,
     load_params,
@@ -47,9 +65,10 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
     section = stage_sections(
         all_params, experiment, "runtime", "seeds", "optimizee", "evaluate"
     )
-    if experiment in SHAPING_EXPERIMENTS:
+    if experiment in SHAPING_EXPERIMENTS or experiment in RL_EXPERIMENTS:
+        run_tables = _run_shaping if experiment in SHAPING_EXPERIMENTS else _run_rl
         with tracking.stage_run(experiment, "evaluate", section, root=root):
-            _run_shaping(experiment, params, layout)
+            run_tables(experiment, params, layout)
         return
     frames = []
 
@@ -168,6 +187,67 @@ def _run_shaping(experiment: str, params, layout: Layout) -> None:
                 f"after {params.evaluate.n_steps} meta-test steps "
                 f"(seed {params.seeds[0]})",
             )
+    metrics["stage_seconds"] = round(runtime.process_seconds(), 2)
+    artifacts.write_json(layout.metrics(experiment, "evaluate"), metrics)
+    tracking.log_metrics(
+        tracking.flatten_metrics(metrics["mean"])
+        | {"stage_seconds": metrics["stage_seconds"]}
+    )
+    tracking.log_artifacts(layout.results(experiment))
+    log.info("%s: %s", experiment, tracking.flatten_metrics(metrics["mean"]))
+
+
+def _run_rl(experiment: str, params, layout: Layout) -> None:
+    """Meta-test of the reinforcement-learning experiments on held-out goals."""
+    ep = params.evaluate
+    tables: dict[str, list] = {}
+    for seed in tqdm(
+        params.seeds,
+        desc=f"evaluate {experiment}",
+        disable=not _cli.show_progress(),
+    ):
+        data = layout.read_prepared(experiment, seed)
+        folder = seed_dir(layout.models(experiment), seed)
+        with tracking.seed_run("evaluate", seed):
+            if experiment == "reacher":
+                seed_tables = reacher.evaluate(
+                    params,
+                    data,
+                    artifacts.load_learned_loss(folder / "ml3"),
+                    reacher.load_dynamics(folder / "dynamics"),
+                    seed,
+                )
+                seed_metrics = reacher.summary(seed_tables["outcomes"], ep.report_steps)
+            else:
+                seed_tables = goal_reaching.evaluate(
+                    params,
+                    experiment,
+                    data,
+                    artifacts.load_learned_loss(folder),
+                    seed,
+                )
+                seed_metrics = goal_reaching.summary(seed_tables["curves"])
+            tracking.log_metrics(tracking.flatten_metrics(seed_metrics))
+        for name, frame in seed_tables.items():
+            tables.setdefault(name, []).append(frame.assign(seed=seed))
+    joined = {
+        name: pd.concat(frames, ignore_index=True) for name, frames in tables.items()
+    }
+    with artifacts.atomic_dir(layout.results(experiment)) as out:
+        for name, frame in joined.items():
+            artifacts.write_csv(out / f"{name}.csv", frame)
+        if experiment == "reacher":
+            metrics = {"mean": reacher.summary(joined["outcomes"], ep.report_steps)}
+            traj = joined["trajectories"]
+            seed0 = params.seeds[0]
+            reacher.animate(
+                traj[(traj.seed == seed0) & (traj.test_step == ep.n_steps)],
+                out / "animation.gif",
+                ep.animation_fps,
+                f"held-out goals after {ep.n_steps} meta-test steps (seed {seed0})",
+            )
+        else:
+            metrics = {"mean": goal_reaching.summary(joined["curves"])}
     metrics["stage_seconds"] = round(runtime.process_seconds(), 2)
     artifacts.write_json(layout.metrics(experiment, "evaluate"), metrics)
     tracking.log_metrics(

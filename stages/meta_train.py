@@ -11,6 +11,15 @@ The shaping experiments (``frequency``, ``mountain_car``) meta-train two
 losses per seed, ``shaped`` and ``unshaped``, into
 ``seed_<s>/<variant>/``, each a nested run ``meta_train/<variant>/seed=<s>``
 registered as ``ml3-<experiment>-<variant>-loss``.
+
+The model-based ``reacher`` meta-trains its loss through a learned dynamics
+model: ``seed_<s>/ml3/`` holds the loss (``ml3-reacher-loss``),
+``seed_<s>/dynamics/`` the model after its last refresh and its fits. The
+seeds of ``meta_train.authors_seeds`` also run the authors' settings
+(variant ``authors``): a collapse there is the finding, recorded in the
+metrics and as a FAILED nested run, and that loss is not saved. The
+model-free ``goal_point_mass`` and ``goal_reacher`` save one loss per seed
+like sine. A collapse anywhere else stops the stage (exit status 3).
 """
 
 from __future__ import annotations
@@ -23,8 +32,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import artifacts, frequency, meta, mountain_car, runtime, tracking
+from pipeline import (
+    artifacts,
+    frequency,
+    goal_reaching,
+    meta,
+    mountain_car,
+    reacher,
+    runtime,
+    tracking,
+)
 from pipeline.config import (
+    GOAL_EXPERIMENTS,
+    RL_EXPERIMENTS,
     SHAPING_EXPERIMENTS,
     VARIANTS,
     load_params,
@@ -53,6 +73,9 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
         "learned_loss",
         "meta_train",
     )
+    if experiment in RL_EXPERIMENTS:
+        _run_rl(experiment, params, section, layout, root)
+        return
     mp = params.meta_train
     shaping = experiment in SHAPING_EXPERIMENTS
     variants = VARIANTS if shaping else (None,)
@@ -95,6 +118,103 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
             tracking.flatten_metrics(metrics["mean"], "mean_")
             | {"stage_seconds": metrics["stage_seconds"]}
         )
+
+
+def _run_rl(experiment, params, section, layout: Layout, root: Path) -> None:
+    """Meta-training of the reinforcement-learning experiments (CPU only)."""
+    summary, authors = {}, {}
+    progress = _cli.show_progress()
+    with tracking.stage_run(
+        experiment, "meta_train", section, root=root, tags={"meta_gradient": "exact"}
+    ):
+        with artifacts.atomic_dir(layout.models(experiment)) as out:
+            for seed in params.seeds:
+                data = layout.read_prepared(experiment, seed)
+                folder = seed_dir(out, seed)
+                if experiment in GOAL_EXPERIMENTS:
+                    with tracking.seed_run("meta_train", seed):
+                        start = time.perf_counter()
+                        learned_loss, result = goal_reaching.meta_train(
+                            params, experiment, data, seed, progress
+                        )
+                        summary[_unit(seed, None)] = _save_and_log(
+                            learned_loss,
+                            result,
+                            folder,
+                            time.perf_counter() - start,
+                            f"ml3-{experiment}-loss",
+                            seed,
+                        )
+                    continue
+                with tracking.seed_run("meta_train/ml3", seed, tags={"variant": "ml3"}):
+                    start = time.perf_counter()
+                    trained = reacher.meta_train(params, data, seed, "ml3", progress)
+                    seconds = time.perf_counter() - start
+                    reacher.save_dynamics(folder / "dynamics", trained.dynamics)
+                    fits = pd.DataFrame(trained.model_fits)
+                    artifacts.write_csv(folder / "dynamics" / "fits.csv", fits)
+                    tracking.log_history(
+                        trained.model_fits, step_key="fit", prefix="model_"
+                    )
+                    tracking.log_artifacts(folder / "dynamics", "dynamics")
+                    summary[_unit(seed, None)] = _save_and_log(
+                        trained.learned_loss,
+                        trained.result,
+                        folder / "ml3",
+                        seconds,
+                        "ml3-reacher-loss",
+                        seed,
+                    )
+                if seed in params.meta_train.authors_seeds:
+                    authors[f"seed_{seed}"] = _authors_variant(
+                        params, data, seed, folder / "authors", progress
+                    )
+        metrics = {
+            "mean": _mean(summary),
+            **summary,
+            "stage_seconds": round(runtime.process_seconds(), 2),
+        }
+        if authors:
+            metrics["authors"] = authors
+        artifacts.write_json(layout.metrics(experiment, "meta_train"), metrics)
+        tracking.log_metrics(
+            tracking.flatten_metrics(metrics["mean"], "mean_")
+            | {"stage_seconds": metrics["stage_seconds"]}
+        )
+
+
+def _authors_variant(params, data, seed, folder: Path, progress: bool) -> dict:
+    """The reacher's loss with the authors' settings: does it collapse?
+
+    A collapse is this run's finding, not a failure of the stage: the nested
+    run ends FAILED with the message as a tag, nothing is saved or
+    registered, and the metrics say when it collapsed.
+    """
+    start = time.perf_counter()
+    run_id = None
+    try:
+        with tracking.seed_run(
+            "meta_train/authors", seed, tags={"variant": "authors"}
+        ) as run:
+            run_id = run.info.run_id
+            trained = reacher.meta_train(params, data, seed, "authors", progress)
+            entry = _save_and_log(
+                trained.learned_loss,
+                trained.result,
+                folder,
+                time.perf_counter() - start,
+                "ml3-reacher-authors-loss",
+                seed,
+            )
+            return {"collapsed": 0, **entry}
+    except meta.LearnedLossCollapsed as err:
+        tracking.set_tags(run_id, {"collapse": str(err)[:5000]})
+        log.warning("authors' settings, seed %d: %s", seed, err)
+        return {
+            "collapsed": 1,
+            "seconds": round(time.perf_counter() - start, 3),
+            "message": str(err),
+        }
 
 
 def _meta_train(experiment, params, data, seed, variant, device):

@@ -7,7 +7,11 @@ training and held-out points); for ``mnist`` one ``splits.npz`` (train,
 validation, test of the chosen digit pair); for ``frequency`` one
 ``seed_<s>.npz`` per seed (meta-test points and the ranges meta-training
 samples tasks from); for ``mountain_car`` one ``task.npz`` (start states,
-goal, intermediate goal, horizon). A ``manifest.json`` describes the arrays.
+goal, intermediate goal, horizon); for ``reacher`` one ``seed_<s>.npz`` per
+seed (training goals, the held-out goals, random-torque rollouts for the
+first dynamics model); for ``goal_point_mass`` and ``goal_reacher`` one
+``seed_<s>.npz`` per seed (training and held-out goals). A
+``manifest.json`` describes the arrays.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import artifacts, data, frequency, mountain_car, runtime, tracking
-from pipeline.config import ParamsError, load_params, stage_sections
+from pipeline import (
+    artifacts,
+    data,
+    frequency,
+    goal_reaching,
+    mountain_car,
+    reacher,
+    runtime,
+    tracking,
+)
+from pipeline.config import GOAL_EXPERIMENTS, ParamsError, load_params, stage_sections
 from pipeline.layout import Layout
 from stages import _cli
 
@@ -44,6 +57,17 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
                     )
                     manifest[f"seed_{seed}"] = {
                         k: v.tolist() if v.size < 3 else list(v.shape)
+                        for k, v in arrays.items()
+                    }
+            elif experiment == "reacher" or experiment in GOAL_EXPERIMENTS:
+                manifest = {}
+                for seed in params.seeds:
+                    arrays = _rl_arrays(experiment, params, seed)
+                    artifacts.write_arrays(
+                        tmp / Layout.prepared_name(experiment, seed), arrays
+                    )
+                    manifest[f"seed_{seed}"] = {
+                        k: v.round(4).tolist() if "goals" in k else list(v.shape)
                         for k, v in arrays.items()
                     }
             elif experiment == "mountain_car":
@@ -109,6 +133,16 @@ def run(experiment: str, params_path: Path, root: Path) -> None:
         )
         tracking.log_metrics({"stage_seconds": seconds})
     log.info("wrote %s", out)
+
+
+def _rl_arrays(experiment: str, params, seed: int) -> dict:
+    """Goals (and random rollouts) of an RL experiment; bad goals are params errors."""
+    try:
+        if experiment == "reacher":
+            return reacher.prepare(params, seed)
+        return goal_reaching.prepare(params, experiment, seed)
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: {experiment}.prepare: {err}") from err
 
 
 if __name__ == "__main__":

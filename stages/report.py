@@ -4,7 +4,10 @@ Reads ``params.yaml`` section ``report`` and, for its text, each
 experiment's ``prepare`` section and the shaping experiments' ``seeds``,
 ``optimizee`` and ``evaluate``; ``results/<experiment>/`` (``curves.csv``
 for sine and MNIST; the landscape, minima, convergence, trajectory and
-outcome tables and the animation for the shaping experiments), the
+outcome tables and the animation for the shaping experiments; the
+outcomes, trajectories, animation and learning curves of the RL
+experiments, with their ``seeds``, ``optimizee``, ``meta_train`` and
+``evaluate`` sections for the text), the
 meta-training and validation curves under ``models/<experiment>/`` and the
 metrics JSON of earlier stages; ``params.yaml`` section ``generalize`` and
 ``results/generalize/<cell>/`` (summary and curves of every cell). Writes
@@ -26,8 +29,15 @@ import pandas as pd
 from pipeline import artifacts, perf, tracking
 from pipeline import report as rp
 from pipeline import report_generalize as rg
+from pipeline import report_rl as rr
 from pipeline import report_shaping as rs
-from pipeline.config import EXPERIMENTS, SHAPING_EXPERIMENTS, as_dict, load_params
+from pipeline.config import (
+    EXPERIMENTS,
+    RL_EXPERIMENTS,
+    SHAPING_EXPERIMENTS,
+    as_dict,
+    load_params,
+)
 from pipeline.layout import Layout
 from stages import _cli
 
@@ -53,6 +63,12 @@ def run(params_path: Path, root: Path) -> None:
             for name in SHAPING_EXPERIMENTS
             for key in ("seeds", "optimizee", "evaluate")
         }
+        | {
+            f"{name}.{key}": as_dict(getattr(params.experiments[name], key))
+            for name in RL_EXPERIMENTS
+            for key in ("seeds", "optimizee", "meta_train", "evaluate")
+        }
+        | {"reacher.learned_loss": as_dict(params.experiments["reacher"].learned_loss)}
     )
     with tracking.stage_run("report", "report", section, root=root):
         with artifacts.atomic_dir(layout.reports) as out:
@@ -66,6 +82,13 @@ def run(params_path: Path, root: Path) -> None:
             sections = [summary]
             finals = []
             for name in EXPERIMENTS:
+                if name in RL_EXPERIMENTS:
+                    headline, section_ = _rl_section(
+                        name, params.experiments[name], layout, out, confidence
+                    )
+                    summary.text(headline)
+                    sections.append(section_)
+                    continue
                 if name in SHAPING_EXPERIMENTS:
                     headline, section_ = _shaping_section(
                         name, params.experiments[name], layout, out, confidence
@@ -255,6 +278,233 @@ def _shaping_section(name, params, layout, out, confidence):
     # the verdict goes right after the protocol, before the evidence
     section.blocks.insert(1, ("text", verdict))
     return f"{rp.TITLES[name]}: {headline}", section
+
+
+def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
+    """The report section of an RL experiment and its summary sentence."""
+    section = rp.Section(rp.TITLES[name])
+    results, models = layout.results(name), layout.models(name)
+    figures = out / "figures"
+    p, ep, mp = params.prepare, params.evaluate, params.meta_train
+    if name == "reacher":
+        history = _read_seed_csvs(models, "ml3/meta_curve.csv")
+        validation = _read_seed_csvs(models, "ml3/validation.csv")
+    else:
+        history = _read_seed_csvs(models, "meta_curve.csv")
+        validation = _read_seed_csvs(models, "validation.csv")
+    meta_fig = rr.plot_meta_train(
+        history,
+        validation,
+        figures / f"{name}_meta_train.png",
+        f"{rp.TITLES[name]}: meta-training",
+        confidence,
+    )
+    n_seeds = len(params.seeds)
+    if name == "reacher":
+        outcomes = pd.read_csv(results / "outcomes.csv")
+        trajectories = pd.read_csv(results / "trajectories.csv")
+        direct_lr = pd.read_csv(results / "direct_lr.csv")
+        fits = _read_seed_csvs(models, "dynamics/fits.csv")
+        section.text(
+            "Gymnasium's MuJoCo Reacher-v5 arm driven at the level of joint state "
+            f"and torques, horizon {p.horizon} steps of 0.02 s from rest. Policy "
+            f"8-{'-'.join(map(str, params.optimizee.hidden_sizes))}-2 over (state, "
+            "goal state); learned loss "
+            f"7-{'-'.join(map(str, params.learned_loss.hidden_sizes))}-1 over "
+            "(state, action, joint distance to the goal), meta-trained by "
+            "differentiating the task loss of a rollout through a learned "
+            f"dynamics model (ensemble of {mp.ensemble_size} probabilistic MLPs, "
+            f"refitted every {mp.refresh_every} outer iterations with rollouts of "
+            f"the current policies), {mp.n_outer_iterations} outer iterations on "
+            f"{p.n_train_goals} training goals per seed, {mp.tasks_per_iteration} "
+            f"per iteration. Task loss: {p.final_weight:g} x final + mean joint "
+            f"distance + {p.velocity_weight:g} x mean squared joint speed. "
+            f"Meta-test on {p.n_test_goals} held-out goals spread over the "
+            f"workspace, {n_seeds} seeds: a fresh policy per goal, {ep.n_steps} "
+            f"SGD steps on the learned loss (lr {ep.lr:g}) against {ep.n_steps} "
+            "steps on the task loss itself ('direct'), both on rollouts of the "
+            "real simulator with gradients through the learned model; the "
+            "direct learning rate is the best of "
+            f"{ep.direct_lrs} on the training goals. Success: the fingertip ends "
+            f"within {ep.success_radius:g} m of the goal."
+        )
+        values = {"final_distance": True, "success": False}
+        table = rr.comparison_table(
+            outcomes,
+            step="test_step",
+            steps=ep.report_steps,
+            values=values,
+            baseline="direct",
+            confidence=confidence,
+        )
+        artifacts.write_csv(out / "tables" / f"{name}_outcomes.csv", table)
+        last = table[
+            (table.test_step == ep.n_steps) & (table.metric == "final_distance")
+        ].iloc[0]
+        section.text(
+            f"Verdict on held-out goals after {ep.n_steps} meta-test steps: "
+            f"{last['verdict']} (final fingertip distance, learned "
+            f"{last['learned']} m vs direct {last['direct']} m; mean "
+            f"[{confidence:.0%} interval] over goal x seed pairs)."
+        )
+        section.table(
+            table,
+            f"Held-out goals: final fingertip distance (m) and success, mean "
+            f"[{confidence:.0%} interval] over goals x seeds, after each "
+            "meta-test step; the verdict asks whether the interval of the "
+            "paired difference excludes zero",
+        )
+        fig = rr.plot_over_steps(
+            outcomes,
+            "test_step",
+            {"final_distance": "final fingertip distance (m)", "success": "success"},
+            figures / f"{name}_steps.png",
+            "Reacher: held-out goals over meta-test steps",
+            confidence,
+        )
+        section.figure(fig, "Mean over goals x seeds, band: interval")
+        seed0 = params.seeds[0]
+        shown = trajectories[
+            (trajectories.seed == seed0) & (trajectories.test_step == ep.n_steps)
+        ]
+        fig = rr.plot_arm_paths(
+            shown,
+            outcomes[outcomes.seed == seed0],
+            figures / f"{name}_trajectories.png",
+            f"Fingertip paths after {ep.n_steps} meta-test steps (seed {seed0})",
+        )
+        section.figure(
+            fig, "Every held-out goal (x) with the fingertip's path and final pose"
+        )
+        gif = figures / f"{name}.gif"
+        shutil.copyfile(results / "animation.gif", gif)
+        section.figure(gif, f"Animation: seed {seed0}, after {ep.n_steps} steps")
+        section.figure(meta_fig, "Meta-training (mean over seeds, band: interval)")
+        chosen = direct_lr[direct_lr.selected.astype(bool)]
+        section.text(
+            "Direct learning rate chosen on the training goals, per seed: "
+            + ", ".join(f"{lr:g}" for lr in chosen.lr)
+            + "."
+        )
+        last_fit = fits.sort_values("fit").groupby("seed").tail(1)
+        artifacts.write_csv(out / "tables" / f"{name}_model_fits.csv", last_fit)
+        section.table(
+            last_fit.round(5),
+            "The dynamics model after its last refit, per seed",
+        )
+        section.text(_authors_text(layout, mp))
+        verdict_row = last
+        headline = (
+            f"on {p.n_test_goals} held-out goals x {n_seeds} seeds, final "
+            f"fingertip distance after {ep.n_steps} steps: learned "
+            f"{last['learned']} m vs direct {last['direct']} m "
+            f"({verdict_row['verdict']})."
+        )
+    else:
+        curves = pd.read_csv(results / "curves.csv")
+        paths = pd.read_csv(results / "paths.csv")
+        baseline_lr = pd.read_csv(results / "baseline_lr.csv")
+        env = "point mass" if name == "goal_point_mass" else "reacher"
+        steps_per_update = ep.episodes_per_update * p.horizon
+        section.text(
+            f"Model-free: the {env} reaches goals at {p.goal_radius_range[0]:g} "
+            f"to {p.goal_radius_range[1]:g} from its start, horizon {p.horizon}, "
+            "reward minus the distance to the goal. Gaussian policy "
+            f"({'-'.join(map(str, params.optimizee.hidden_sizes))} "
+            f"{params.optimizee.activation} mean, learned log std). The learned "
+            "loss sees each time step's observation, sampled action, the "
+            "policy's mean action and log-probability and the reward-to-go; it "
+            "was meta-trained with the REINFORCE task loss of fresh episodes "
+            f"after each inner step ({mp.n_outer_iterations} outer iterations, "
+            f"{mp.unrolls_per_task} unrolls per task). Meta-test on "
+            f"{p.n_test_goals} held-out goals, {n_seeds} seeds, {ep.n_updates} "
+            f"updates of {ep.episodes_per_update} episodes ({steps_per_update} "
+            "environment steps) each: SGD on the learned loss against REINFORCE "
+            "with a time-step baseline (Adam, learning rate the best of "
+            f"{ep.baseline_lrs} on the training goals), the same episodes budget. "
+            f"Success: final distance below {p.success_radius:g}."
+        )
+        values = {"mean_return": False, "success": False}
+        steps = sorted({ep.n_updates // 2, ep.n_updates})
+        table = rr.comparison_table(
+            curves,
+            step="update",
+            steps=steps,
+            values=values,
+            baseline="reinforce",
+            confidence=confidence,
+        )
+        artifacts.write_csv(out / "tables" / f"{name}_curves.csv", table)
+        last = table[
+            (table.update == ep.n_updates) & (table.metric == "mean_return")
+        ].iloc[0]
+        section.text(
+            f"Verdict on held-out goals after {ep.n_updates} updates "
+            f"({ep.n_updates * steps_per_update} environment steps): "
+            f"{last['verdict']} (return, learned {last['learned']} vs REINFORCE "
+            f"{last['reinforce']})."
+        )
+        section.table(
+            table,
+            f"Held-out goals: return and success, mean [{confidence:.0%} interval] "
+            "over goals x seeds; the verdict asks whether the interval of the "
+            "paired difference excludes zero",
+        )
+        fig = rr.plot_over_steps(
+            curves,
+            "env_steps",
+            {"mean_return": "return", "success": "success"},
+            figures / f"{name}_curves.png",
+            f"{rp.TITLES[name]}: held-out goals",
+            confidence,
+        )
+        section.figure(fig, "Mean over goals x seeds, band: interval")
+        seed0 = params.seeds[0]
+        shown = paths[
+            (paths.seed == seed0)
+            & (paths.update == ep.n_updates)
+            & (paths.episode == paths.episode.min())
+        ]
+        fig = rr.plot_goal_paths(
+            shown,
+            figures / f"{name}_paths.png",
+            f"One episode per held-out goal after {ep.n_updates} updates "
+            f"(seed {seed0})",
+        )
+        section.figure(fig, "Paths from the start (dot) towards each goal (x)")
+        section.figure(meta_fig, "Meta-training (mean over seeds, band: interval)")
+        chosen = baseline_lr[baseline_lr.selected.astype(bool)]
+        section.text(
+            "REINFORCE learning rate chosen on the training goals, per seed: "
+            + ", ".join(f"{lr:g}" for lr in chosen.lr)
+            + "."
+        )
+        headline = (
+            f"return on held-out goals after {ep.n_updates * steps_per_update} "
+            f"environment steps: learned {last['learned']} vs REINFORCE "
+            f"{last['reinforce']} ({last['verdict']})."
+        )
+    return f"{rp.TITLES[name]}: {headline}", section
+
+
+def _authors_text(layout: Layout, mp) -> str:
+    """What became of the learned loss meta-trained with the authors' settings."""
+    metrics = artifacts.read_json(layout.metrics("reacher", "meta_train"))
+    authors = metrics.get("authors", {})
+    if not authors:
+        return "The authors' settings were not run (meta_train.authors_seeds is empty)."
+    parts = []
+    for seed, entry in authors.items():
+        if entry["collapsed"]:
+            parts.append(f"{seed}: collapsed ({entry['message']})")
+        else:
+            parts.append(f"{seed}: did not collapse")
+    return (
+        f"The authors' settings (Adam lr {mp.authors_outer_lr:g} on the loss, "
+        f"policy SGD lr {mp.authors_inner_lr:g}, inputs "
+        f"{'' if mp.authors_normalize_inputs else 'not '}standardized), "
+        "meta-trained for comparison: " + "; ".join(parts)
+    )
 
 
 def _frequency_headline(minima, convergence, ep, extremes) -> str:

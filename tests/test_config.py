@@ -131,6 +131,35 @@ CASES = [
     ),
     (("frequency.evaluate.targets", []), r"targets = \[\]: expected a non-empty"),
     (("mountain_car", None), r"missing key params\.yaml \(top level\)\.mountain_car"),
+    # the RL experiments
+    (
+        ("reacher.prepare.goal_radius_range", [0.05, 0.3]),
+        r"reacher\.prepare\.goal_radius_range\[1\] = 0\.3 is out of range: "
+        r"expected a number <= 0\.21",
+    ),
+    (
+        ("reacher.evaluate.report_steps", [0, 1, 9]),
+        r"reacher\.evaluate\.report_steps = \[0, 1, 9\]: expected steps up to "
+        r"n_steps = 2",
+    ),
+    (
+        ("reacher.meta_train.authors_seeds", [7]),
+        r"reacher\.meta_train\.authors_seeds has \[7\], which are not in "
+        r"reacher\.seeds = \[0, 1\]: expected a subset",
+    ),
+    (
+        ("reacher.meta_train.ensemble_size", 0),
+        r"ensemble_size = 0 is out of range: expected an integer >= 1",
+    ),
+    (
+        ("goal_point_mass.evaluate.baseline_lrs", []),
+        r"goal_point_mass\.evaluate\.baseline_lrs = \[\]: expected a non-empty",
+    ),
+    (
+        ("goal_reacher.optimizee.activation", "swish"),
+        r"goal_reacher\.optimizee\.activation = 'swish': expected one of",
+    ),
+    (("goal_reacher", None), r"missing key params\.yaml \(top level\)\.goal_reacher"),
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline import artifacts, tracking
+from pipeline.config import EXPERIMENTS
 from pipeline.layout import Layout, seed_dir
 from stages import evaluate, generalize, meta_train, prepare, report
 
@@ -25,7 +26,7 @@ def pipeline_run(tmp_path_factory, mlflow_store):
     shutil.copytree(REPO / "benchmarks", root / "benchmarks")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        for name in ("sine", "mnist", "frequency", "mountain_car"):
+        for name in EXPERIMENTS:
             prepare.run(name, params, root)
             meta_train.run(name, params, root)
             evaluate.run(name, params, root)
@@ -94,9 +95,9 @@ def test_report_has_tables_figures_and_self_contained_html(pipeline_run):
     root, _ = pipeline_run
     reports = Layout(root).reports
     html = (reports / "report.html").read_text()
-    # 10 experiment and performance figures, 4 of the generalization grid
-    assert html.count("data:image/png;base64,") == 14
-    assert html.count("data:image/gif;base64,") == 1
+    # 10 experiment and performance figures, 4 of the generalization grid, 9 RL
+    assert html.count("data:image/png;base64,") == 23
+    assert html.count("data:image/gif;base64,") == 2
     assert "http://" not in html and "https://" not in html
     md = (reports / "report.md").read_text()
     for figure in (
@@ -347,3 +348,138 @@ def test_report_has_the_transfer_matrix_and_verdicts(pipeline_run):
     # one row per cell and matrix metric: 3 sine cells, 4 MNIST cells x 2
     assert len(matrix) == 3 + 4 * 2
     assert {"step 2", "step 4"} <= set(matrix.columns)
+
+
+def test_reacher_writes_loss_model_outcomes_and_animation(pipeline_run):
+    root, _ = pipeline_run
+    layout = Layout(root)
+    for seed in (0, 1):
+        folder = seed_dir(layout.models("reacher"), seed)
+        loss = artifacts.load_learned_loss(folder / "ml3")
+        # (state [N, 4], action [N, 2], joint distance [N, 1]) -> scalar
+        assert loss(torch.zeros(3, 4), torch.zeros(3, 2), torch.ones(3, 1)).shape == ()
+        fits = pd.read_csv(folder / "dynamics" / "fits.csv")
+        assert len(fits) >= 2  # the first fit and at least one refresh
+    results = layout.results("reacher")
+    outcomes = pd.read_csv(results / "outcomes.csv")
+    assert set(outcomes.method) == {"learned", "direct"}
+    # 2 seeds x 2 held-out goals x 2 methods x (n_steps + 1) meta-test steps
+    assert len(outcomes) == 2 * 2 * 2 * 3
+    assert outcomes.final_distance.between(0, 0.45).all()
+    # the same fresh policy for both methods: equal outcomes before any step
+    start = outcomes[outcomes.test_step == 0].pivot_table(
+        index=["seed", "goal"], columns="method", values="final_distance"
+    )
+    np.testing.assert_allclose(start["learned"], start["direct"])
+    trajectories = pd.read_csv(results / "trajectories.csv")
+    assert {"q1", "q2", "dq1", "dq2", "x", "y", "t"} <= set(trajectories)
+    assert (results / "animation.gif").stat().st_size > 1000
+    metrics = artifacts.read_json(layout.metrics("reacher", "meta_train"))
+    assert {"mean", "seed_0", "seed_1", "authors", "stage_seconds"} <= set(metrics)
+    assert set(metrics["authors"]) == {"seed_0"}
+
+
+def test_goal_reaching_compares_equal_environment_steps(pipeline_run):
+    root, _ = pipeline_run
+    layout = Layout(root)
+    for name in ("goal_point_mass", "goal_reacher"):
+        curves = pd.read_csv(layout.results(name) / "curves.csv")
+        assert set(curves.method) == {"learned", "reinforce"}
+        # updates 0..n_updates for each of 2 seeds x 2 goals x 2 methods
+        assert len(curves) == 2 * 2 * 2 * 3
+        steps = curves.pivot_table(
+            index=["seed", "goal", "update"], columns="method", values="env_steps"
+        )
+        np.testing.assert_array_equal(steps["learned"], steps["reinforce"])
+        assert steps["learned"].max() == 2 * 4 * 6  # updates x episodes x horizon
+        chosen = pd.read_csv(layout.results(name) / "baseline_lr.csv")
+        assert chosen.groupby("seed").selected.sum().eq(1).all()
+        metrics = artifacts.read_json(layout.metrics(name, "evaluate"))
+        assert "learned_minus_reinforce" in metrics["mean"]
+
+
+def test_rl_losses_are_registered_and_load_back(pipeline_run, mlflow_store):
+    root, _ = pipeline_run
+    rows = torch.randn(5, 4), torch.randn(5, 2), torch.rand(5, 1)
+    registered = tracking.load_registered_loss(
+        "ml3-reacher-loss", "latest", tracking=mlflow_store
+    )
+    saved = artifacts.load_learned_loss(
+        seed_dir(Layout(root).models("reacher"), 1) / "ml3"
+    )
+    torch.testing.assert_close(registered(*rows), saved(*rows))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store)
+    for name in ("goal_point_mass", "goal_reacher"):
+        versions = client.search_model_versions(f"name = 'ml3-{name}-loss'")
+        assert {v.tags["seed"] for v in versions} >= {"0", "1"}
+
+
+def test_report_has_the_rl_sections(pipeline_run):
+    root, _ = pipeline_run
+    md = (Layout(root).reports / "report.md").read_text()
+    for heading in (
+        "Model-based RL: the MuJoCo reacher",
+        "Model-free RL: point mass reaching goals",
+        "Model-free RL: reacher reaching goals",
+    ):
+        assert f"## {heading}" in md
+    assert md.count("Verdict on held-out goals") == 3
+    for figure in ("reacher_trajectories.png", "reacher.gif", "goal_reacher_curves"):
+        assert f"figures/{figure}" in md
+    assert "The authors' settings" in md
+
+
+def test_authors_collapse_is_recorded_and_ours_stops_the_stage(tmp_path, monkeypatch):
+    """A collapse of the authors' variant is a finding; of ours, exit status 3."""
+    from tiny import tiny_params_dict, write_params
+
+    from pipeline.meta import LearnedLossCollapsed
+    from pipeline.rl import reacher
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    params = tiny_params_dict()
+    params["reacher"]["seeds"] = [0]
+    path = write_params(tmp_path / "params.yaml", params)
+    prepare.run("reacher", path, tmp_path)
+    real = reacher.meta_train
+
+    def collapsing(params, data, seed, variant, progress=False):
+        if variant in collapsed_variants:
+            raise LearnedLossCollapsed(f"learned loss collapsed ({variant}, test)")
+        return real(params, data, seed, variant, progress)
+
+    monkeypatch.setattr(reacher, "meta_train", collapsing)
+    collapsed_variants = {"authors"}
+    meta_train.run("reacher", path, tmp_path)
+    layout = Layout(tmp_path)
+    metrics = artifacts.read_json(layout.metrics("reacher", "meta_train"))
+    assert metrics["authors"]["seed_0"]["collapsed"] == 1
+    assert "authors, test" in metrics["authors"]["seed_0"]["message"]
+    assert not (seed_dir(layout.models("reacher"), 0) / "authors").exists()
+    assert (seed_dir(layout.models("reacher"), 0) / "ml3").is_dir()
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    exp = client.get_experiment_by_name("ml3-reacher")
+    failed = client.search_runs(
+        [exp.experiment_id], "attributes.run_name = 'meta_train/authors/seed=0'"
+    )
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert "authors, test" in failed[0].data.tags["collapse"]
+    names = {m.name for m in client.search_registered_models()}
+    assert names == {"ml3-reacher-loss"}
+
+    collapsed_variants = {"ml3", "authors"}
+    status = meta_train._cli.main(
+        meta_train.run,
+        meta_train.__doc__,
+        ["reacher", "--params", str(path), "--root", str(tmp_path)],
+    )
+    assert status == 3
+    # the earlier outputs are kept as they were
+    assert (seed_dir(layout.models("reacher"), 0) / "ml3").is_dir()
+    runs = client.search_runs(
+        [exp.experiment_id],
+        "attributes.run_name = 'meta_train'",
+        order_by=["start_time DESC"],
+    )
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]

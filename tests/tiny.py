@@ -43,6 +43,42 @@ def tiny_params_dict() -> dict:
     car["optimizee"]["hidden_size"] = 8
     car["learned_loss"]["hidden_sizes"] = [16, 16]
     car["evaluate"]["n_steps"] = 2
+    arm = params["reacher"]
+    arm["seeds"] = [0, 1]
+    arm["prepare"].update(
+        horizon=10, n_train_goals=3, n_test_goals=2, n_random_rollouts=8
+    )
+    arm["optimizee"]["hidden_sizes"] = [8, 8]
+    arm["learned_loss"]["hidden_sizes"] = [16, 16]
+    arm["meta_train"].update(
+        n_outer_iterations=4,
+        tasks_per_iteration=2,
+        authors_seeds=[0],
+        model_hidden_sizes=[16, 16],
+        model_epochs=3,
+        model_batch_size=32,
+        refresh_every=2,
+        refresh_rollouts=2,
+        refresh_epochs=2,
+        validate_every=2,
+    )
+    arm["evaluate"].update(n_steps=2, report_steps=[0, 1, 2], direct_lrs=[0.01, 0.1])
+    for name in ("goal_point_mass", "goal_reacher"):
+        exp = params[name]
+        exp["seeds"] = [0, 1]
+        exp["prepare"].update(horizon=6, n_train_goals=3, n_test_goals=2)
+        exp["optimizee"]["hidden_sizes"] = [8]
+        exp["learned_loss"]["hidden_sizes"] = [8, 8]
+        exp["meta_train"].update(
+            n_outer_iterations=3,
+            tasks_per_iteration=2,
+            unrolls_per_task=2,
+            episodes_per_update=4,
+            validate_every=2,
+        )
+        exp["evaluate"].update(
+            n_updates=2, episodes_per_update=4, baseline_lrs=[0.01, 0.1]
+        )
     gen = params["generalize"]
     gen["sine"].update(
         n_steps=4, checkpoints=[2, 4], n_tasks=2, n_points=20, n_heldout_points=10
