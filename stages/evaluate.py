@@ -36,9 +36,7 @@ from tqdm.auto import tqdm
 from pipeline import (
     artifacts,
     frequency,
-    goal_reaching,
     mountain_car,
-    reacher,
     runtime,
     tracking,
 )
@@ -51,6 +49,7 @@ from pipeline.config import (
 )
 from pipeline.experiments import build_experiment
 from pipeline.layout import Layout, seed_dir
+from pipeline.rl import goal_reaching, reacher
 from stages import _cli
 
 log = logging.getLogger("stages.evaluate")

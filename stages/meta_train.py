@@ -35,10 +35,8 @@ import torch
 from pipeline import (
     artifacts,
     frequency,
-    goal_reaching,
     meta,
     mountain_car,
-    reacher,
     runtime,
     tracking,
 )
@@ -53,6 +51,7 @@ from pipeline.config import (
 from pipeline.experiments import build_experiment, build_learned_loss
 from pipeline.layout import Layout, seed_dir
 from pipeline.nets import learned_loss_for
+from pipeline.rl import goal_reaching, reacher
 from stages import _cli
 
 log = logging.getLogger("stages.meta_train")

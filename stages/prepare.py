@@ -24,14 +24,13 @@ from pipeline import (
     artifacts,
     data,
     frequency,
-    goal_reaching,
     mountain_car,
-    reacher,
     runtime,
     tracking,
 )
 from pipeline.config import GOAL_EXPERIMENTS, ParamsError, load_params, stage_sections
 from pipeline.layout import Layout
+from pipeline.rl import goal_reaching, reacher
 from stages import _cli
 
 log = logging.getLogger("stages.prepare")

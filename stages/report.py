@@ -287,8 +287,10 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
     figures = out / "figures"
     p, ep, mp = params.prepare, params.evaluate, params.meta_train
     if name == "reacher":
-        history = _read_seed_csvs(models, "ml3/meta_curve.csv")
-        validation = _read_seed_csvs(models, "ml3/validation.csv")
+        history, validation = (
+            _ml3_rows(_read_seed_csvs(models, f"{csv}.csv", variants=True))
+            for csv in ("meta_curve", "validation")
+        )
     else:
         history = _read_seed_csvs(models, "meta_curve.csv")
         validation = _read_seed_csvs(models, "validation.csv")
@@ -304,7 +306,9 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
         outcomes = pd.read_csv(results / "outcomes.csv")
         trajectories = pd.read_csv(results / "trajectories.csv")
         direct_lr = pd.read_csv(results / "direct_lr.csv")
-        fits = _read_seed_csvs(models, "dynamics/fits.csv")
+        fits = _read_seed_csvs(models, "fits.csv", variants=True).drop(
+            columns="variant"
+        )
         section.text(
             "Gymnasium's MuJoCo Reacher-v5 arm driven at the level of joint state "
             f"and torques, horizon {p.horizon} steps of 0.02 s from rest. Policy "
@@ -413,7 +417,10 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
             f"({'-'.join(map(str, params.optimizee.hidden_sizes))} "
             f"{params.optimizee.activation} mean, learned log std). The learned "
             "loss sees each time step's observation, sampled action, the "
-            "policy's mean action and log-probability and the reward-to-go; it "
+            "policy's mean action and the log-probability of the sampled action "
+            "(which carry the gradient to the policy) and the advantage "
+            "(reward-to-go less its mean over the episodes at that time step, "
+            "over its spread); it "
             "was meta-trained with the REINFORCE task loss of fresh episodes "
             f"after each inner step ({mp.n_outer_iterations} outer iterations, "
             f"{mp.unrolls_per_task} unrolls per task). Meta-test on "
@@ -436,7 +443,7 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
         )
         artifacts.write_csv(out / "tables" / f"{name}_curves.csv", table)
         last = table[
-            (table.update == ep.n_updates) & (table.metric == "mean_return")
+            (table["update"] == ep.n_updates) & (table.metric == "mean_return")
         ].iloc[0]
         section.text(
             f"Verdict on held-out goals after {ep.n_updates} updates "
@@ -462,7 +469,7 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
         seed0 = params.seeds[0]
         shown = paths[
             (paths.seed == seed0)
-            & (paths.update == ep.n_updates)
+            & (paths["update"] == ep.n_updates)
             & (paths.episode == paths.episode.min())
         ]
         fig = rr.plot_goal_paths(
@@ -485,6 +492,11 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
             f"{last['reinforce']} ({last['verdict']})."
         )
     return f"{rp.TITLES[name]}: {headline}", section
+
+
+def _ml3_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The reacher's own learned losses (not the authors' variant)."""
+    return frame[frame.variant == "ml3"].drop(columns="variant")
 
 
 def _authors_text(layout: Layout, mp) -> str:

@@ -62,7 +62,7 @@ def tiny_params_dict() -> dict:
         refresh_epochs=2,
         validate_every=2,
     )
-    arm["evaluate"].update(n_steps=2, report_steps=[0, 1, 2], direct_lrs=[0.01, 0.1])
+    arm["evaluate"].update(n_steps=2, report_steps=[0, 1, 2], direct_lrs=[1e-5, 1e-4])
     for name in ("goal_point_mass", "goal_reacher"):
         exp = params[name]
         exp["seeds"] = [0, 1]

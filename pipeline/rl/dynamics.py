@@ -30,10 +30,16 @@ class ProbabilisticEnsemble(nn.Module):
       n_outputs: width of the predicted change.
       ensemble_size: number of members.
       hidden_sizes: hidden widths (SiLU activations).
+      generator: draws the initial weights (torch's global RNG if None).
     """
 
     def __init__(
-        self, n_inputs: int, n_outputs: int, ensemble_size: int, hidden_sizes
+        self,
+        n_inputs: int,
+        n_outputs: int,
+        ensemble_size: int,
+        hidden_sizes,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         sizes = [n_inputs, *hidden_sizes, 2 * n_outputs]
@@ -48,7 +54,10 @@ class ProbabilisticEnsemble(nn.Module):
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             bound = 1.0 / math.sqrt(a)
             self.weights.append(
-                nn.Parameter(torch.empty(ensemble_size, a, b).uniform_(-bound, bound))
+                nn.Parameter(
+                    (2 * torch.rand(ensemble_size, a, b, generator=generator) - 1)
+                    * bound
+                )
             )
             self.biases.append(nn.Parameter(torch.zeros(ensemble_size, 1, b)))
         self.max_logvar = nn.Parameter(torch.full((n_outputs,), 0.5))
@@ -57,15 +66,18 @@ class ProbabilisticEnsemble(nn.Module):
             self.register_buffer(f"{name}_mean", torch.zeros(width))
             self.register_buffer(f"{name}_std", torch.ones(width))
 
-    def _normalized(self, x: torch.Tensor):
-        """Mean and log-variance ``[E, B, n_outputs]`` in standardized units."""
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer ``[E, B, width]`` of every member."""
         h = (x - self.in_mean) / self.in_std
         if h.dim() == 2:
             h = h.expand(len(self.weights[0]), *h.shape)
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            h = torch.baddbmm(b, h, w)
-            if i < len(self.weights) - 1:
-                h = F.silu(h)
+        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            h = F.silu(torch.baddbmm(b, h, w))
+        return h
+
+    def _normalized(self, x: torch.Tensor):
+        """Mean and log-variance ``[E, B, n_outputs]`` in standardized units."""
+        h = torch.baddbmm(self.biases[-1], self._hidden(x), self.weights[-1])
         mean, logvar = h.chunk(2, dim=-1)
         logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
         logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
@@ -73,7 +85,11 @@ class ProbabilisticEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The mean predicted change ``[B, n_outputs]`` over members."""
-        mean, _ = self._normalized(x)
+        # the mean half of the last layer only: rollouts need no variance
+        n = self.config["n_outputs"]
+        mean = torch.baddbmm(
+            self.biases[-1][..., :n], self._hidden(x), self.weights[-1][..., :n]
+        )
         return mean.mean(0) * self.out_std + self.out_mean
 
     def member_means(self, x: torch.Tensor) -> torch.Tensor:
