@@ -49,7 +49,7 @@ from pipeline.config import (
 )
 from pipeline.experiments import build_experiment
 from pipeline.layout import Layout, seed_dir
-from pipeline.rl import goal_reaching, reacher
+from pipeline.rl import envs, goal_reaching, reacher
 from stages import _cli
 
 log = logging.getLogger("stages.evaluate")
@@ -218,13 +218,15 @@ def _run_rl(experiment: str, params, layout: Layout) -> None:
                 )
                 seed_metrics = reacher.summary(seed_tables["outcomes"], ep.report_steps)
             else:
-                seed_tables = goal_reaching.evaluate(
-                    params,
-                    experiment,
-                    data,
-                    artifacts.load_learned_loss(folder),
-                    seed,
-                )
+                # one thread, like the reacher (see envs.one_thread)
+                with envs.one_thread():
+                    seed_tables = goal_reaching.evaluate(
+                        params,
+                        experiment,
+                        data,
+                        artifacts.load_learned_loss(folder),
+                        seed,
+                    )
                 seed_metrics = goal_reaching.summary(seed_tables["curves"])
             tracking.log_metrics(tracking.flatten_metrics(seed_metrics))
         for name, frame in seed_tables.items():

@@ -51,7 +51,7 @@ from pipeline.config import (
 from pipeline.experiments import build_experiment, build_learned_loss
 from pipeline.layout import Layout, seed_dir
 from pipeline.nets import learned_loss_for
-from pipeline.rl import goal_reaching, reacher
+from pipeline.rl import envs, goal_reaching, reacher
 from stages import _cli
 
 log = logging.getLogger("stages.meta_train")
@@ -133,9 +133,11 @@ def _run_rl(experiment, params, section, layout: Layout, root: Path) -> None:
                 if experiment in GOAL_EXPERIMENTS:
                     with tracking.seed_run("meta_train", seed):
                         start = time.perf_counter()
-                        learned_loss, result = goal_reaching.meta_train(
-                            params, experiment, data, seed, progress
-                        )
+                        # one thread, like the reacher (see envs.one_thread)
+                        with envs.one_thread():
+                            learned_loss, result = goal_reaching.meta_train(
+                                params, experiment, data, seed, progress
+                            )
                         summary[_unit(seed, None)] = _save_and_log(
                             learned_loss,
                             result,

@@ -56,8 +56,8 @@ def _params(**sections):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # tiny ops: a second thread only adds barriers (see reacher.one_thread)
-    with reacher.one_thread():
+    # tiny ops: a second thread only adds barriers (see envs.one_thread)
+    with envs.one_thread():
         yield
 
 

@@ -29,7 +29,6 @@ loss is a plain :class:`~pipeline.nets.LearnedLoss` on raw inputs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -69,24 +68,6 @@ HELDOUT_FRACTION = 0.1  # random rollouts kept out of every model fit
 N_PROBE_POLICIES = 8  # fresh policies whose real rollouts score every model fit
 DYNAMICS_WEIGHTS = "dynamics.pt"
 DYNAMICS_CONFIG = "dynamics.json"
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Runs the block on one torch thread, then restores the thread count.
-
-    A reacher rollout is hundreds of tiny ops in sequence: a second thread
-    has nothing to share and, on a busy machine, its barriers cost far more
-    than the ops (meta-training 20 iterations: 4.8 s of CPU on one thread,
-    265 s on two, with two other processes on the 2 cores). One thread also
-    makes the numbers independent of ``runtime.n_threads``.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------
@@ -832,7 +813,7 @@ def meta_train(
 ) -> MetaTrainOutput:
     """Meta-trains one reacher learned loss (see the module docstring).
 
-    Runs on one torch thread (see :func:`one_thread`).
+    Runs on one torch thread (see :func:`pipeline.rl.envs.one_thread`).
 
     Args:
       params: the ``reacher`` experiment's params.
@@ -846,7 +827,7 @@ def meta_train(
         carries the rows so far as ``result``.
       FloatingPointError: if a task loss or a meta-gradient is not finite.
     """
-    with one_thread():
+    with envs.one_thread():
         return _meta_train(params, data, seed, variant, progress)
 
 
@@ -1081,7 +1062,8 @@ def evaluate(
     ``evaluate.lr`` (``learned``), or on the task loss (``direct``) at the
     rate of ``evaluate.direct_lrs`` with the lowest mean final fingertip
     distance on the training goals after ``n_steps`` (chosen here, from
-    other fresh policies). Runs on one torch thread (see :func:`one_thread`).
+    other fresh policies). Runs on one torch thread
+    (see :func:`pipeline.rl.envs.one_thread`).
 
     Returns:
       ``outcomes``: one row per method, goal and meta-test step (final
@@ -1089,7 +1071,7 @@ def evaluate(
       success); ``trajectories``: the real rollouts at ``report_steps``, one
       row per time step; ``direct_lr``: the learning-rate selection.
     """
-    with one_thread():
+    with envs.one_thread():
         return _evaluate(params, data, learned_loss, dynamics, seed)
 
 
