@@ -197,30 +197,3 @@ def plot_goal_paths(paths: pd.DataFrame, path: Path, title: str) -> Path:
         ax.plot([0], [0], "k.", markersize=6)
         ax.set(aspect="equal", title=method, xlabel="x", ylabel="y")
     return save_figure(fig, path, title)
-
-
-def plot_meta_train(
-    histories: pd.DataFrame,
-    validation: pd.DataFrame,
-    path: Path,
-    title: str,
-    confidence: float,
-) -> Path:
-    """Task loss over outer iterations and every validation metric, over seeds."""
-    metrics = [c for c in validation.columns if c not in ("iteration", "seed")]
-    fig, axes = plt.subplots(
-        1, 1 + len(metrics), figsize=(4.2 * (1 + len(metrics)), 3.3), squeeze=False
-    )
-    axes = axes[0]
-    smooth = histories.copy()
-    smooth["task_loss"] = smooth.groupby("seed").task_loss.transform(
-        lambda s: s.rolling(10, min_periods=1).mean()
-    )
-    band(axes[0], smooth, "iteration", "task_loss", "task loss", confidence)
-    axes[0].set(title="task loss after the inner step (10-iter. mean)")
-    for ax, metric in zip(axes[1:], metrics, strict=True):
-        band(ax, validation, "iteration", metric, metric, confidence)
-        ax.set(title=f"validation: {metric}")
-    for ax in axes:
-        ax.set_xlabel("outer iteration")
-    return save_figure(fig, path, title)

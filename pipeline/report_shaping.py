@@ -244,8 +244,13 @@ def plot_meta_train(
     path: Path,
     title: str,
     confidence: float,
+    yscale: str = "log",
 ) -> Path:
-    """Meta-training curves of both variants: task loss and validation metrics."""
+    """Meta-training curves of each variant: task loss and validation metrics.
+
+    ``yscale`` of the task loss: ``linear`` where it can be negative (the
+    REINFORCE task loss of the goal-reaching experiments).
+    """
     metrics = [
         c for c in validation.columns if c not in ("iteration", "seed", "variant")
     ]
@@ -260,7 +265,7 @@ def plot_meta_train(
         )
         band(axes[0], smooth, "iteration", "task_loss", variant, confidence)
     axes[0].set(
-        title="own task loss (10-iter. mean)", xlabel="outer iteration", yscale="log"
+        title="own task loss (10-iter. mean)", xlabel="outer iteration", yscale=yscale
     )
     for ax, metric in zip(axes[1:], metrics, strict=True):
         for variant, group in validation.groupby("variant"):

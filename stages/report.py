@@ -294,12 +294,15 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
     else:
         history = _read_seed_csvs(models, "meta_curve.csv")
         validation = _read_seed_csvs(models, "validation.csv")
-    meta_fig = rr.plot_meta_train(
-        history,
-        validation,
+    # one learned loss per seed: the shaping plot with a single variant
+    shown = [c for c in validation.columns if c.startswith("val_") and "grad" not in c]
+    meta_fig = rs.plot_meta_train(
+        history.assign(variant="learned"),
+        validation[["iteration", "seed", *shown]].assign(variant="learned"),
         figures / f"{name}_meta_train.png",
         f"{rp.TITLES[name]}: meta-training",
         confidence,
+        yscale="log" if name == "reacher" else "linear",
     )
     n_seeds = len(params.seeds)
     if name == "reacher":

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from tiny import REPO, TINY_CELLS, tiny_params_dict, write_params
 
+from pipeline.config import EXPERIMENTS
+
 pytestmark = pytest.mark.slow
 
 REGISTERED = (
@@ -29,15 +31,6 @@ REGISTERED = (
 )
 # registered only if the authors' settings did not collapse on the tiny run
 OPTIONAL = {"ml3-reacher-authors-loss"}
-EXPERIMENTS = (
-    "sine",
-    "mnist",
-    "frequency",
-    "mountain_car",
-    "reacher",
-    "goal_point_mass",
-    "goal_reacher",
-)
 
 
 def _env() -> dict:
