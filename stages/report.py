@@ -295,7 +295,12 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
         history = _read_seed_csvs(models, "meta_curve.csv")
         validation = _read_seed_csvs(models, "validation.csv")
     # one learned loss per seed: the shaping plot with a single variant
-    shown = [c for c in validation.columns if c.startswith("val_") and "grad" not in c]
+    # the collapse diagnostics (gradient norm, spread) stay in MLflow
+    shown = [
+        c
+        for c in validation.columns
+        if c.startswith("val_") and "grad" not in c and "spread" not in c
+    ]
     meta_fig = rs.plot_meta_train(
         history.assign(variant="learned"),
         validation[["iteration", "seed", *shown]].assign(variant="learned"),
