@@ -268,6 +268,9 @@ class RLPolicyParams:
     hidden_sizes: list[int] = _field(gt=0)
     activation: str = _field("tanh", choices=ACTIVATIONS)
     initial_log_std: float = _field(-0.5, doc="model-free only: log std at start")
+    output_scale: float = _field(
+        1.0, gt=0.0, doc="reacher only: output layer at init times this"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

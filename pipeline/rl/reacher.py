@@ -140,11 +140,16 @@ def replay(starts: np.ndarray, actions: np.ndarray) -> np.ndarray:
 # policies
 
 
-def initial_policies(hidden_sizes, n: int, gen: torch.Generator) -> Theta:
+def initial_policies(
+    hidden_sizes, n: int, gen: torch.Generator, output_scale: float = 1.0
+) -> Theta:
     """``n`` fresh policy MLPs ``8 -> hidden_sizes -> 2``, stacked on axis 0.
 
     Weights and biases are drawn like torch's default ``nn.Linear``
-    initialization (uniform in +-1/sqrt(fan_in)) from ``gen``. Returns
+    initialization (uniform in +-1/sqrt(fan_in)) from ``gen``; the output
+    layer's are then multiplied by ``output_scale``. With 1, a fresh policy
+    pushes torques of ~0.5, which spin this fast arm (gear 200) in circles;
+    a small scale gives quiet policies that start near rest. Returns
     ``(w1 [n, h1, 8], b1 [n, h1], ..., w [n, 2, h], b [n, 2])``.
     """
     sizes = [POLICY_INPUTS, *hidden_sizes, envs.ACTION_DIM]
@@ -153,6 +158,7 @@ def initial_policies(hidden_sizes, n: int, gen: torch.Generator) -> Theta:
         bound = 1.0 / math.sqrt(fan_in)
         for shape in ((n, fan_out, fan_in), (n, fan_out)):
             theta.append((2 * torch.rand(shape, generator=gen) - 1) * bound)
+    theta[-2], theta[-1] = theta[-2] * output_scale, theta[-1] * output_scale
     return tuple(theta)
 
 
@@ -663,6 +669,11 @@ class Setting:
     final_weight: float
     velocity_weight: float
     hidden_sizes: list
+    output_scale: float
+
+    def fresh_policies(self, n: int, gen: torch.Generator) -> Theta:
+        """:func:`initial_policies` of this run's architecture and scale."""
+        return initial_policies(self.hidden_sizes, n, gen, self.output_scale)
 
     def task_loss(self, states, goals_q):
         """:func:`task_loss` with this run's weights, ``[G]``."""
@@ -677,6 +688,7 @@ class Setting:
             final_weight=params.prepare.final_weight,
             velocity_weight=params.prepare.velocity_weight,
             hidden_sizes=list(params.optimizee.hidden_sizes),
+            output_scale=params.optimizee.output_scale,
         )
 
 
@@ -720,8 +732,8 @@ class _ModelData:
         # fresh policies on training goals, rolled out for real once: every
         # fit is scored on the kind of rollout meta-training starts from
         self.probe = probe
-        self.probe_theta = initial_policies(
-            setting.hidden_sizes, len(probe), generator(seed, "reacher/probe")
+        self.probe_theta = setting.fresh_policies(
+            len(probe), generator(seed, "reacher/probe")
         )
         with torch.no_grad():
             self.probe_states, _ = rollout_grounded(
@@ -857,8 +869,8 @@ def _meta_train(params, data, seed, variant, progress) -> MetaTrainOutput:
     loss = StandardizedLoss(inner, mean, std)
     optimizer = torch.optim.Adam(loss.parameters(), lr=outer_lr)
 
-    val_theta = initial_policies(
-        setting.hidden_sizes, len(train_goals), generator(seed, "reacher/validate")
+    val_theta = setting.fresh_policies(
+        len(train_goals), generator(seed, "reacher/validate")
     )
 
     def validate(iteration, theta, goals) -> dict:
@@ -905,11 +917,11 @@ def _meta_train(params, data, seed, variant, progress) -> MetaTrainOutput:
         # a first check on a batch like the ones meta-training will see
         check_gen = generator(seed, "reacher/check")
         first = _draw_goals(train_goals, n_tasks, check_gen)
-        first_theta = initial_policies(setting.hidden_sizes, n_tasks, check_gen)
+        first_theta = setting.fresh_policies(n_tasks, check_gen)
         validation.append(validate(0, first_theta, first))
         for iteration in bar:
             goals = _draw_goals(train_goals, n_tasks, gen)
-            theta = detach(initial_policies(setting.hidden_sizes, n_tasks, gen))
+            theta = detach(setting.fresh_policies(n_tasks, gen))
             rows = []
             for _ in range(mp.unrolls_per_task):
                 start = theta
@@ -1031,7 +1043,7 @@ def _refresh_policies(loss, train_goals, mp, setting: Setting, gen, dynamics, lr
             0, len(train_goals), (mp.refresh_rollouts,), generator=gen
         ).numpy()
     )
-    theta = detach(initial_policies(setting.hidden_sizes, len(goals), gen))
+    theta = detach(setting.fresh_policies(len(goals), gen))
     for _ in range(mp.unrolls_per_task):
         with torch.enable_grad():
             states, actions = rollout_model(
@@ -1091,9 +1103,7 @@ def _evaluate(params, data, learned_loss, dynamics, seed) -> dict[str, pd.DataFr
 
     # the direct baseline's learning rate, chosen on the training goals
     n_lrs, n_train = len(ep.direct_lrs), len(train_goals)
-    theta = initial_policies(
-        setting.hidden_sizes, n_train, generator(seed, "reacher/evaluate/select")
-    )
+    theta = setting.fresh_policies(n_train, generator(seed, "reacher/evaluate/select"))
     many = train_goals.repeat(n_lrs)
     real = train_policies(
         direct(many),
@@ -1117,9 +1127,7 @@ def _evaluate(params, data, learned_loss, dynamics, seed) -> dict[str, pd.DataFr
 
     # both methods at once: learned on the first half, direct on the second
     n_test = len(test_goals)
-    theta = initial_policies(
-        setting.hidden_sizes, n_test, generator(seed, "reacher/evaluate")
-    )
+    theta = setting.fresh_policies(n_test, generator(seed, "reacher/evaluate"))
     both = test_goals.repeat(2)
 
     def objective(states, actions):
