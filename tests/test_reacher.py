@@ -161,6 +161,22 @@ def test_policy_is_squashed_into_control_range():
     assert actions.abs().max() <= 1.0
 
 
+def test_output_scale_quiets_only_the_output_layer():
+    full = reacher.initial_policies([4], 3, torch.Generator().manual_seed(0))
+    quiet = reacher.initial_policies(
+        [4], 3, torch.Generator().manual_seed(0), output_scale=0.01
+    )
+    # same draws; the hidden layer as drawn, the output layer x 0.01
+    torch.testing.assert_close(quiet[0], full[0])
+    torch.testing.assert_close(quiet[1], full[1])
+    torch.testing.assert_close(quiet[2], 0.01 * full[2])
+    torch.testing.assert_close(quiet[3], 0.01 * full[3])
+    states = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    loud = reacher.act(full, states, torch.zeros(3, 2), torch.nn.Tanh())
+    calm = reacher.act(quiet, states, torch.zeros(3, 2), torch.nn.Tanh())
+    assert calm.abs().max() < 0.05 * loud.abs().max()
+
+
 def _float64_setup(seed=0):
     """A tiny float64 policy batch, model and learned loss."""
     params = _params(prepare={"horizon": 4})
