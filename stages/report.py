@@ -359,6 +359,15 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
         artifacts.write_csv(out / "tables" / f"{name}_outcomes.csv", table)
         at_last = table[table.test_step == ep.n_steps].set_index("metric")
         last, task = at_last.loc["final_distance"], at_last.loc["task_loss"]
+        first_step = min((k for k in ep.report_steps if k > 0), default=ep.n_steps)
+        first = table[
+            (table.test_step == first_step) & (table.metric == "final_distance")
+        ].iloc[0]
+        section.text(
+            f"Verdict on held-out goals after {first_step} meta-test step(s): "
+            f"{first['verdict']} (final fingertip distance, learned "
+            f"{first['learned']} m vs direct {first['direct']} m)."
+        )
         section.text(
             f"Verdict on held-out goals after {ep.n_steps} meta-test steps: "
             f"{last['verdict']} (final fingertip distance, learned "
@@ -417,7 +426,9 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
         verdict_row = last
         headline = (
             f"on {p.n_test_goals} held-out goals x {n_seeds} seeds, final "
-            f"fingertip distance after {ep.n_steps} steps: learned "
+            f"fingertip distance after {first_step} step(s): learned "
+            f"{first['learned']} m vs direct {first['direct']} m "
+            f"({first['verdict']}); after {ep.n_steps} steps: learned "
             f"{last['learned']} m vs direct {last['direct']} m "
             f"({verdict_row['verdict']})."
         )

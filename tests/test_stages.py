@@ -423,7 +423,7 @@ def test_report_has_the_rl_sections(pipeline_run):
         "Model-free RL: reacher reaching goals",
     ):
         assert f"## {heading}" in md
-    assert md.count("Verdict on held-out goals") == 3
+    assert md.count("Verdict on held-out goals") == 4
     for figure in ("reacher_trajectories.png", "reacher.gif", "goal_reacher_curves"):
         assert f"figures/{figure}" in md
     assert "The authors' settings" in md
