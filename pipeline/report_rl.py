@@ -143,6 +143,17 @@ def _draw_arm(ax, q1: float, q2: float, **style) -> None:
     ax.plot([0, elbow[0], tip[0]], [0, elbow[1], tip[1]], "-o", markersize=3, **style)
 
 
+def _method_panels(frame: pd.DataFrame):
+    """A square panel per method of ``frame``: the figure, (axis, method)
+    pairs and the colour cycle that gives each goal its colour."""
+    methods = sorted(set(frame.method))
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(4.2 * len(methods), 4.2), squeeze=False
+    )
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return fig, list(zip(axes[0], methods, strict=True)), cycle
+
+
 def plot_arm_paths(
     trajectories: pd.DataFrame, outcomes: pd.DataFrame, path: Path, title: str
 ) -> Path:
@@ -151,13 +162,9 @@ def plot_arm_paths(
     ``trajectories`` holds one seed at one meta-test step; the final arm
     pose is drawn for each goal, and each goal is a cross in its path's colour.
     """
-    methods = sorted(set(trajectories.method))
-    fig, axes = plt.subplots(
-        1, len(methods), figsize=(4.2 * len(methods), 4.2), squeeze=False
-    )
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, panels, cycle = _method_panels(trajectories)
     goals = outcomes.drop_duplicates("goal").set_index("goal")
-    for ax, method in zip(axes[0], methods, strict=True):
+    for ax, method in panels:
         rows = trajectories[trajectories.method == method]
         for i, (goal, run) in enumerate(rows.groupby("goal")):
             color = cycle[i % len(cycle)]
@@ -182,12 +189,8 @@ def plot_arm_paths(
 
 def plot_goal_paths(paths: pd.DataFrame, path: Path, title: str) -> Path:
     """Point or fingertip paths of one episode per goal, one panel per method."""
-    methods = sorted(set(paths.method))
-    fig, axes = plt.subplots(
-        1, len(methods), figsize=(4.2 * len(methods), 4.2), squeeze=False
-    )
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, method in zip(axes[0], methods, strict=True):
+    fig, panels, cycle = _method_panels(paths)
+    for ax, method in panels:
         rows = paths[paths.method == method]
         for i, (_, run) in enumerate(rows.groupby("goal")):
             color = cycle[i % len(cycle)]

@@ -82,15 +82,9 @@ def run(params_path: Path, root: Path) -> None:
             sections = [summary]
             finals = []
             for name in EXPERIMENTS:
-                if name in RL_EXPERIMENTS:
-                    headline, section_ = _rl_section(
-                        name, params.experiments[name], layout, out, confidence
-                    )
-                    summary.text(headline)
-                    sections.append(section_)
-                    continue
-                if name in SHAPING_EXPERIMENTS:
-                    headline, section_ = _shaping_section(
+                if name in SHAPING_EXPERIMENTS or name in RL_EXPERIMENTS:
+                    make = _rl_section if name in RL_EXPERIMENTS else _shaping_section
+                    headline, section_ = make(
                         name, params.experiments[name], layout, out, confidence
                     )
                     summary.text(headline)
@@ -423,14 +417,13 @@ def _rl_section(name, params, layout: Layout, out: Path, confidence: float):
             "The dynamics model after its last refit, per seed",
         )
         section.text(_authors_text(layout, mp))
-        verdict_row = last
         headline = (
             f"on {p.n_test_goals} held-out goals x {n_seeds} seeds, final "
             f"fingertip distance after {first_step} step(s): learned "
             f"{first['learned']} m vs direct {first['direct']} m "
             f"({first['verdict']}); after {ep.n_steps} steps: learned "
             f"{last['learned']} m vs direct {last['direct']} m "
-            f"({verdict_row['verdict']})."
+            f"({last['verdict']})."
         )
     else:
         curves = pd.read_csv(results / "curves.csv")
